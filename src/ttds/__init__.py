@@ -1,0 +1,3 @@
+"""ttds: generative recommendation with LLMs and twin-tower dynamic semantic IDs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from ttds.cli import main
+
+main()

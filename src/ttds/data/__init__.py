@@ -1,0 +1,1 @@
+"""Datasets: the RecDataset, readers, the leave-one-out split and the built-in generator."""

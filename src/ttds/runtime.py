@@ -1,0 +1,92 @@
+"""Run setup shared by every recipe: seeds, threads, device, output folder, log file, machine info."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+from pathlib import Path
+
+import numpy as np
+
+from ttds.config import dump
+from ttds.io import write_text
+
+log = logging.getLogger("ttds")
+
+
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_torch(cfg: dict):
+    """Threads and device from the config; returns a torch.device."""
+    import torch
+
+    threads = int(cfg.get("threads") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = str(cfg.get("device") or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from ttds.errors import TTDSError
+
+        raise TTDSError(f"config device={device!r}: CUDA is not available on this machine; use device=cpu")
+    return torch.device(device)
+
+
+def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    if out_dir is not None:
+        path = Path(out_dir) / "run.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+            fh = logging.FileHandler(path, encoding="utf-8")
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+
+
+def start_run(cfg: dict, out_dir: str | Path):
+    """Create the output folder, write the resolved config, log to a file, seed, pick device."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", dump(cfg))
+    setup_logging(out)
+    set_seed(int(cfg.get("seed", 0)))
+    return setup_torch(cfg)
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
