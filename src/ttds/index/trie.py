@@ -1,0 +1,120 @@
+"""`IDTrie`: the prefix trie over every valid full ID of a `SemanticIndex`, as dense per-level tables.
+
+Depth t holds the nodes reached after t codes (depth 0 is the root). `child[t]` is an int tensor
+[nodes_t, K_t]: `child[t][node, code]` is the node at depth t+1, or -1 when that code is not a valid
+continuation. The leaves (depth L) map to exactly one entity through `leaf_entity`.
+
+The hot path of constrained decoding never loops over beams in Python:
+    mask  = trie.allowed(node, t)        # BoolTensor [B, K_t]: child[t][node] >= 0
+    node  = trie.step(node, code, t)     # LongTensor [B]: child[t][node, code]
+Batched prefixes [B, t] can also be turned into nodes (`nodes_of`) or masks (`allowed_after`).
+Tables are built with numpy `unique` (no per-entity Python loop); `add` appends one entity
+(serving), `rebuild` re-creates the tables after a re-assignment of codes (the dynamic model).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ttds.index.base import SemanticIndex
+
+
+class IDTrie:
+    def __init__(self, index: SemanticIndex):
+        self.rebuild(index)
+
+    # ------------------------------------------------------------------ building
+
+    def rebuild(self, index: SemanticIndex) -> None:
+        """(Re)build every table from `index` (after codes were re-assigned)."""
+        if index.n and not index.is_unique():
+            raise ValueError("IDTrie: the index has colliding IDs; disambiguate them first (an ID must map to one entity)")
+        self.level_sizes = [int(k) for k in index.level_sizes]
+        self.prefixes = list(index.prefixes)
+        codes = np.asarray(index.codes, dtype=np.int64)
+        n, L = codes.shape
+        self.child: list[torch.Tensor] = []
+        node = np.zeros(n, dtype=np.int64)  # each entity's node at the current depth
+        n_nodes = 1
+        for t in range(L):
+            # the nodes of depth t+1 are the distinct (node_t, code_t) pairs
+            key = node * self.level_sizes[t] + codes[:, t]
+            uniq, nxt = np.unique(key, return_inverse=True)
+            table = np.full((n_nodes, self.level_sizes[t]), -1, dtype=np.int32)
+            table[uniq // self.level_sizes[t], uniq % self.level_sizes[t]] = np.arange(len(uniq), dtype=np.int32)
+            self.child.append(torch.from_numpy(table))
+            node, n_nodes = nxt.reshape(-1), len(uniq)
+        leaf_entity = np.full(n_nodes, -1, dtype=np.int64)
+        leaf_entity[node] = np.arange(n)
+        self.leaf_entity = torch.from_numpy(leaf_entity)
+        self.entity_leaf = torch.from_numpy(node.copy())  # entity -> leaf node
+
+    def add(self, codes: list[int] | np.ndarray) -> int:
+        """Append one entity with full ID `codes`; returns its entity id. Raises if the ID exists."""
+        codes = [int(c) for c in codes]
+        if len(codes) != self.n_levels or any(not 0 <= c < k for c, k in zip(codes, self.level_sizes)):
+            raise ValueError(f"IDTrie.add: codes {codes} do not fit level sizes {self.level_sizes}")
+        node = 0
+        for t, c in enumerate(codes):
+            nxt = int(self.child[t][node, c])
+            if nxt < 0:
+                n_next = len(self.child[t + 1]) if t + 1 < self.n_levels else len(self.leaf_entity)
+                self.child[t][node, c] = n_next
+                nxt = n_next
+                if t + 1 < self.n_levels:  # a fresh node row at depth t+1
+                    row = torch.full((1, self.level_sizes[t + 1]), -1, dtype=self.child[t + 1].dtype)
+                    self.child[t + 1] = torch.cat([self.child[t + 1], row])
+                else:
+                    self.leaf_entity = torch.cat([self.leaf_entity, torch.tensor([-1])])
+            elif t + 1 == self.n_levels:
+                raise ValueError(f"IDTrie.add: ID {codes} already belongs to entity {int(self.leaf_entity[nxt])}")
+            node = nxt
+        entity = len(self.entity_leaf)
+        self.leaf_entity[node] = entity
+        self.entity_leaf = torch.cat([self.entity_leaf, torch.tensor([node])])
+        return entity
+
+    def to(self, device) -> "IDTrie":
+        self.child = [c.to(device) for c in self.child]
+        self.leaf_entity = self.leaf_entity.to(device)
+        self.entity_leaf = self.entity_leaf.to(device)
+        return self
+
+    # ------------------------------------------------------------------ queries (vectorised)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def n_entities(self) -> int:
+        return len(self.entity_leaf)
+
+    def root(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, dtype=torch.long, device=self.leaf_entity.device)
+
+    def allowed(self, node: torch.Tensor, t: int) -> torch.Tensor:
+        """BoolTensor [B, K_t]: codes of level t that continue the prefixes ending at `node` (-1 = dead)."""
+        rows = self.child[t][node.clamp(min=0)]
+        return (rows >= 0) & (node >= 0).unsqueeze(-1)
+
+    def step(self, node: torch.Tensor, code: torch.Tensor, t: int) -> torch.Tensor:
+        """Nodes of depth t+1 after appending `code` (level t) to the prefixes ending at `node`; -1 if invalid."""
+        out = self.child[t][node.clamp(min=0), code].long()
+        return torch.where(node >= 0, out, torch.full_like(out, -1))
+
+    def nodes_of(self, prefix: torch.Tensor) -> torch.Tensor:
+        """LongTensor [B]: node of each prefix [B, t] (-1 where the prefix is not valid)."""
+        node = self.root(prefix.shape[0])
+        for t in range(prefix.shape[1]):  # loop over levels (<= L), vectorised over the batch
+            node = self.step(node, prefix[:, t], t)
+        return node
+
+    def allowed_after(self, prefix: torch.Tensor) -> torch.Tensor:
+        """BoolTensor [B, K_t] of valid next codes of level t = prefix.shape[1]."""
+        return self.allowed(self.nodes_of(prefix), prefix.shape[1])
+
+    def entities(self, codes: torch.Tensor) -> torch.Tensor:
+        """LongTensor [B]: entity of each full ID [B, L] (-1 where the ID is not in the index)."""
+        leaf = self.nodes_of(codes)
+        return torch.where(leaf >= 0, self.leaf_entity[leaf.clamp(min=0)], torch.full_like(leaf, -1))

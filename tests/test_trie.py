@@ -1,0 +1,59 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ttds.index.base import SemanticIndex
+from ttds.index.trie import IDTrie
+
+
+@st.composite
+def indices(draw):
+    L = draw(st.integers(1, 4))
+    sizes = [draw(st.integers(1, 4)) for _ in range(L)]
+    universe = list(itertools.product(*[range(k) for k in sizes]))
+    picked = draw(st.lists(st.sampled_from(universe), min_size=1, max_size=min(len(universe), 30), unique=True))
+    return SemanticIndex(np.array(picked, dtype=np.int64).reshape(len(picked), L), sizes, list("abcd")[:L])
+
+
+@settings(max_examples=60, deadline=None)
+@given(indices())
+def test_trie_allows_exactly_the_valid_continuations(index):
+    trie = IDTrie(index)
+    valid = {tuple(r) for r in index.codes.tolist()}
+    L = index.n_levels
+    for t in range(L):
+        # every prefix of length t over the full code space, batched
+        combos = list(itertools.product(*[range(k) for k in index.level_sizes[:t]]))
+        prefixes = torch.tensor(combos, dtype=torch.long).reshape(len(combos), t)
+        mask = trie.allowed_after(prefixes)
+        for p, row in zip(prefixes.tolist(), mask.tolist()):
+            expected = [any(v[: t + 1] == tuple(p) + (c,) for v in valid) for c in range(index.level_sizes[t])]
+            assert row == expected
+    # every valid ID is reachable and maps back to its entity
+    ents = trie.entities(torch.as_tensor(index.codes))
+    assert ents.tolist() == list(range(index.n))
+
+
+def test_invalid_ids_map_to_minus_one_and_add_entity():
+    index = SemanticIndex(np.array([[0, 1, 0], [0, 1, 1], [2, 0, 0]]), [3, 2, 2], ["a", "b", "c"])
+    trie = IDTrie(index)
+    assert trie.entities(torch.tensor([[1, 0, 0], [0, 0, 0], [2, 0, 0]])).tolist() == [-1, -1, 2]
+    assert trie.allowed_after(torch.tensor([[1]])).tolist() == [[False, False]]
+    e = trie.add([1, 0, 1])
+    assert e == 3
+    assert trie.entities(torch.tensor([[1, 0, 1]])).tolist() == [3]
+    assert trie.allowed_after(torch.tensor([[1, 0]])).tolist() == [[False, True]]
+    with pytest.raises(ValueError):
+        trie.add([0, 1, 1])
+    # rebuild after a re-assignment
+    trie.rebuild(SemanticIndex(np.array([[1, 1, 1], [0, 0, 0]]), [3, 2, 2], ["a", "b", "c"]))
+    assert trie.entities(torch.tensor([[1, 1, 1], [0, 1, 0]])).tolist() == [0, -1]
+
+
+def test_collisions_rejected():
+    with pytest.raises(ValueError):
+        IDTrie(SemanticIndex(np.array([[0, 1], [0, 1]]), [2, 2], ["a", "b"]))
