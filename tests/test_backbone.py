@@ -1,0 +1,124 @@
+"""Backbone wrapper: offline loading, encoding, added tokens, LoRA, save/load, item/user texts."""
+import pytest
+import torch
+
+from ttds.backbone import Backbone, BackboneConfig, item_texts, user_texts
+from ttds.backbone.registry import cache_dir
+from ttds.errors import TTDSError
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return Backbone.load("minilm")
+
+
+def test_minilm_encodes_offline(minilm):
+    texts = ["Wireless Gaming Controller", "Wired Gaming Gamepad Controller", "Borosilicate Lab Beaker 500 ml"]
+    a = minilm.encode(texts)
+    assert a.shape == (3, 384) and a.dtype == torch.float32
+    b = minilm.encode(texts, batch_size=1)  # batching and padding do not change the result
+    assert torch.allclose(a, b, atol=1e-4)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(a[0], a[1], dim=0) > cos(a[0], a[2], dim=0) + 0.1
+    assert not minilm.is_causal_lm and minilm.hidden_size == 384
+
+
+def test_add_tokens_grows_vocab_and_tokenizes_whole():
+    bb = Backbone.load("minilm")
+    n = len(bb.tokenizer)
+    ids = bb.add_tokens(["<a_1>", "<b_2>", "<a_1>"])
+    assert len(bb.tokenizer) == n + 2 and ids[0] == ids[2] and ids[0] != ids[1]
+    assert bb.model.get_input_embeddings().weight.shape[0] == n + 2
+    enc = bb.tokenizer("bought <a_1><b_2>", add_special_tokens=False)["input_ids"]
+    assert enc[-2:] == ids[:2] and len(enc) == 3  # no stray space token before the ID
+    assert bb.add_tokens(["<a_1>"]) == ids[:1] and len(bb.tokenizer) == n + 2  # idempotent
+
+
+def test_lora_trains_new_rows_only(tmp_path):
+    bb = Backbone.load(BackboneConfig(name_or_path="minilm", lora={"r": 4}))
+    new = bb.add_tokens(["<a_1>", "<a_2>"])
+    old_ids = bb.tokenizer.convert_tokens_to_ids(["game", "controller"])
+    emb = lambda ids: bb.model.get_input_embeddings()(torch.tensor(ids)).detach().clone()  # noqa: E731
+    before_new, before_old = emb(new), emb(old_ids)
+    bb.apply_lora(new)
+    frozen = {n: p.detach().clone() for n, p in bb.model.named_parameters() if not p.requires_grad}
+    assert any(n.endswith("query.base_layer.weight") for n in frozen)
+    assert bb.lora_applied and bb.hidden_size == 384
+    trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
+    assert not any(n.endswith("query.base_layer.weight") for n in trainable)
+    bb.model.train()
+    opt = torch.optim.SGD([p for p in bb.model.parameters() if p.requires_grad], lr=1.0)
+    out = bb.encode(["game <a_1> controller <a_2>"], grad=True)
+    (out ** 2).sum().backward()
+    opt.step()
+    assert not torch.allclose(emb(new), before_new)  # new rows moved
+    assert torch.allclose(emb(old_ids), before_old)  # old rows frozen
+    assert all(torch.equal(p, frozen[n]) for n, p in bb.model.named_parameters() if n in frozen)
+    # round trip: adapter + added tokens
+    bb.model.eval()
+    ref = bb.encode(["game <a_1> controller"])
+    bb.save_pretrained(tmp_path / "bb")
+    back = Backbone.from_pretrained(tmp_path / "bb")
+    assert torch.allclose(back.encode(["game <a_1> controller"]), ref, atol=1e-5)
+
+
+def test_missing_model_is_one_line_error(tmp_path):
+    with pytest.raises(TTDSError, match="config.json"):
+        Backbone.load(str(tmp_path / "nope"))
+    with pytest.raises(TTDSError, match="dtype"):
+        BackboneConfig(dtype="int3")
+
+
+def test_any_local_llama_folder(tmp_path, minilm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = minilm.tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    bb = Backbone.load(str(tmp_path / "llama"))
+    assert bb.is_causal_lm and bb.hidden_size == 32
+    assert bb.encode(["a b c", "d"]).shape == (2, 32)
+    ids = bb.add_tokens(["<a_0>", "<b_0>"])
+    assert bb.model.get_output_embeddings().weight.shape[0] == len(bb.tokenizer)
+    x = torch.tensor([[5, 6, ids[0]]])
+    h, past = bb.hidden_states(x, torch.ones_like(x), use_cache=True)
+    assert h.shape == (1, 3, 32) and past is not None
+
+
+def test_causal_bert_option():
+    bb = Backbone.load(BackboneConfig(causal=True))
+    assert bb.is_causal_lm and bb.body.config.is_decoder
+
+
+@pytest.mark.skipif(not (cache_dir() / "models" / "smollm2-135m" / "config.json").is_file(),
+                    reason="smollm2 not converted yet (first conversion ~30 s): run benchmarks/backbone_load.py")
+def test_smollm2_converted_copy_loads():
+    bb = Backbone.load("smollm2-135m")
+    assert bb.is_causal_lm and bb.hidden_size == 576
+    ids = bb.add_tokens(["<a_3>"])
+    assert bb.tokenizer("bought <a_3>", add_special_tokens=False)["input_ids"][-1] == ids[0]
+    assert len(bb.tokenizer("bought <a_3>", add_special_tokens=False)["input_ids"]) == 2  # no stray space
+
+
+def test_item_and_user_texts():
+    from ttds.data.readers import load_dataset
+
+    ds = load_dataset("builtin:users=40,items=30,seed=2")
+    ds.item_text["brand"][0] = ""
+    texts = item_texts(ds, "Title: {title}\nBrand: {brand}")
+    assert len(texts) == ds.n_items and "Brand:" not in texts[0] and texts[0].startswith("Title: ")
+    tok = Backbone.load("minilm").tokenizer
+    short = item_texts(ds, "{title} {description}", tok, max_tokens=4)
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) <= 4 for t in short)
+    with pytest.raises(TTDSError, match="price"):
+        item_texts(ds, "{price}")
+    users = user_texts(ds)
+    assert len(users) == ds.n_users and all(users)
+    for u in range(ds.n_users):  # the texts about held-out items are left out
+        held = set(ds.sequences[u][-2:].tolist())
+        kept = [t.text for t in ds.user_text[u] if t.item not in held]
+        assert users[u] == " ".join(kept)
