@@ -1,0 +1,152 @@
+"""The generative recommender on semantic IDs (TTSS / LC-Rec / TIGER family).
+
+An LM backbone reads an instruction, the user's ID and the semantic IDs of their recent items, and
+generates the next item's ID token by token under the trie constraint (`ttds.models.beam`).
+
+Token space. Word tokens keep their ids 0..V-1; the ID tokens are V, V+1, ...: item levels first
+(`<a_*>`, `<b_*>`, ...), then user levels (`<ua_*>`, ...). Their embeddings are NOT rows of the
+backbone's word embedding: they come from `id_table()`, by default a trainable matrix, or from an
+`id_embedding_provider` (a callable returning [n_id_tokens, d]); the dynamic TTDS model plugs a
+projection of the RQ-VAE codebooks in there so the recommendation loss reaches the tokenizers.
+
+Output head. A shared transform (dense + GELU + LayerNorm) of the last hidden state, then for a
+position whose next token is of level l only `h @ E_l^T + b_l` over that level's K_l tokens (the
+input ID embeddings, tied; paper eq. 8). No 30k-50k word head is computed for ID targets; word
+targets (item titles, reviews) use the tied word embeddings, only at those positions.
+
+Backbones. Causal LMs (LLaMA, SmolLM2, Qwen) are used as they are. The default `minilm` is a BERT:
+we load it with `is_decoder=True`, which makes HF apply a causal attention mask and keep a KV cache,
+so one code path serves both: whole-sequence teacher forcing in training (every next item of a
+history predicted in one forward) and prompt-once KV-cached beam search at inference. We chose
+this over "BERT encoder + small ID decoder" because a bidirectional encoder would see the items it
+must predict, which rules out whole-sequence training; the price is that MiniLM's weights were
+pretrained bidirectionally and must adapt to the causal mask during fine-tuning.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttds.index.base import SemanticIndex
+from ttds.index.trie import IDTrie
+from ttds.tasks.builders import PromptCodec
+
+
+class GenerativeRecommender(nn.Module):
+    def __init__(self, backbone, item_index: SemanticIndex, user_index: SemanticIndex | None = None,
+                 id_embedding_provider: Callable[[], torch.Tensor] | None = None, max_text_tokens: int = 32):
+        super().__init__()
+        self.backbone = backbone  # ttds.backbone.Backbone (not a module; its model is registered below)
+        self.lm = backbone.model
+        word = backbone.hf_model.get_input_embeddings()
+        self.n_words = int(word.num_embeddings)
+        d = backbone.hidden_size
+        # ID token groups: (tower, level, size); offsets into the ID table
+        self.groups = [("item", l, int(k)) for l, k in enumerate(item_index.level_sizes)]
+        if user_index is not None:
+            self.groups += [("user", l, int(k)) for l, k in enumerate(user_index.level_sizes)]
+        sizes = [k for _, _, k in self.groups]
+        self.offsets = [0] + list(np.cumsum(sizes)[:-1].tolist())
+        self.n_id_tokens = int(sum(sizes))
+        self.register_buffer("token_group", torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)), persistent=False)
+        std = float(word.weight.detach().std())
+        self.id_emb = nn.Parameter(torch.randn(self.n_id_tokens, d) * std)
+        self.id_bias = nn.Parameter(torch.zeros(self.n_id_tokens))
+        self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
+        self.id_embedding_provider = id_embedding_provider
+        self.max_text_tokens = max_text_tokens
+        self.eval_template = 0  # the sequential-recommendation template used by recommend()
+        self.beam = 20
+        self.beam_batch = 32  # users per beam-search micro-batch
+        self.set_index(item_index, user_index)
+
+    # ------------------------------------------------------------------ index (re-assignable)
+
+    @property
+    def user_group0(self) -> int:
+        return len(self.item_index.level_sizes)
+
+    def id_tokens(self, tower: str, codes: np.ndarray) -> np.ndarray:
+        """Codes [n, L] of a tower -> unified token ids [n, L]."""
+        g0 = 0 if tower == "item" else self.user_group0
+        offs = np.asarray(self.offsets[g0:g0 + codes.shape[1]], dtype=np.int64)
+        return self.n_words + offs + codes
+
+    def set_index(self, item_index: SemanticIndex, user_index: SemanticIndex | None = None) -> None:
+        """Install (or re-install after a re-assignment) the indices; rebuilds tries and prompt codec.
+        The level sizes must match the token space the model was built with."""
+        want = [k for t, _, k in self.groups if t == "item"]
+        if list(item_index.level_sizes) != want:
+            raise ValueError(f"item index level sizes {item_index.level_sizes} != model's {want}")
+        self.item_index, self.user_index = item_index, user_index
+        self.n_items = item_index.n
+        self.trie = IDTrie(item_index)
+        self.user_trie = IDTrie(user_index) if user_index is not None else None
+        self.codec = PromptCodec(self.backbone.tokenizer, self.id_tokens("item", item_index.codes),
+                                 self.id_tokens("user", user_index.codes) if user_index is not None else None,
+                                 self.max_text_tokens)
+
+    # ------------------------------------------------------------------ network
+
+    def id_table(self) -> torch.Tensor:
+        """[n_id_tokens, d] embeddings of the ID tokens (input and tied output)."""
+        return self.id_embedding_provider() if self.id_embedding_provider is not None else self.id_emb
+
+    def word_embeddings(self) -> torch.Tensor:
+        return self.backbone.hf_model.get_input_embeddings().weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        words = self.backbone.hf_model.get_input_embeddings()(ids.clamp(max=self.n_words - 1))
+        idv = self.id_table()[(ids - self.n_words).clamp(min=0)]
+        return torch.where((ids >= self.n_words).unsqueeze(-1), idv.to(words.dtype), words)
+
+    def hidden(self, ids, attention_mask, position_ids, past_key_values=None, use_cache: bool = False):
+        out = self.backbone.body(inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache, return_dict=True)
+        return (out.last_hidden_state, out.past_key_values) if use_cache else out.last_hidden_state
+
+    def level_logits(self, h: torch.Tensor, group: int, transformed: bool = False) -> torch.Tensor:
+        """Logits over the K tokens of ID group `group` (a tower's level) only."""
+        s, k = self.offsets[group], self.groups[group][2]
+        z = h if transformed else self.head(h)
+        return z @ self.id_table()[s:s + k].t().to(z.dtype) + self.id_bias[s:s + k]
+
+    def loss(self, ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all target tokens: ID targets over their level's tokens only,
+        word targets over the word vocabulary. labels[b, p] = token predicted at p, -100 = none."""
+        pos = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        h = self.hidden(ids, attention_mask, pos)
+        sel = labels >= 0
+        z, y = self.head(h[sel]), labels[sel]
+        total = z.new_zeros(())
+        word = y < self.n_words
+        if word.any():
+            total = total + F.cross_entropy(z[word] @ self.word_embeddings().t(), y[word], reduction="sum")
+        yid = (y - self.n_words).clamp(min=0)
+        group = self.token_group[yid]
+        for g in range(len(self.groups)):
+            m = ~word & (group == g)
+            if m.any():
+                total = total + F.cross_entropy(self.level_logits(z[m], g, transformed=True), yid[m] - self.offsets[g], reduction="sum")
+        return total / sel.sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ recommendation
+
+    def prompts(self, users, history, template: int | None = None) -> list[np.ndarray]:
+        t = self.eval_template if template is None else template
+        users = np.asarray(torch.as_tensor(users).cpu())
+        history = np.asarray(torch.as_tensor(history).cpu())
+        return [self.codec.seqrec_prompt(int(u), h[h >= 0], t) for u, h in zip(users, history)]
+
+    @torch.no_grad()
+    def recommend(self, users, history, k: int = 10, template: int | None = None) -> torch.Tensor:
+        """Ranked item ids [B, k] by trie-constrained beam search (-1 where fewer than k exist)."""
+        from ttds.models.beam import beam_search_prompts
+
+        items, _ = beam_search_prompts(self, self.prompts(users, history, template), self.trie, 0,
+                                       beam=max(self.beam, k), k=k, batch=self.beam_batch)
+        return items
