@@ -73,6 +73,7 @@ def _register_commands() -> None:
     from ttds.train import commands as train_commands
 
     train_commands.register(app)
+    __import__("ttds.serve.commands", fromlist=["register"]).register(app)  # ttds precompute, ttds serve
 
 
 _register_commands()

@@ -1,0 +1,214 @@
+"""The serving engine: the one small interface the store, pre-compute and the API talk to.
+
+`ServingEngine` is what serving needs from a model; `RecommenderEngine` adapts any `Recommender`
+(`recommend(users, history, k) -> LongTensor[B, k]` or `scores(users, history) -> [B, n_items]`,
+history left-padded with PAD=-1) plus the dataset it was trained on (item text, user histories).
+
+New items (POST /v1/items) — the ADAPTER POINT for the generative model:
+a model that can take new items without retraining implements
+
+    add_item(fields: dict[str, str]) -> int        # new item id (== the old n_items)
+    index: SemanticIndex                           # item semantic IDs, including the new item
+
+i.e. it encodes the item text with its backbone, quantises it with its item tower, resolves a collision
+with `assign_new_id` below (TTDS rule: one more disambiguation code), extends its prefix trie (and the
+ID-token vocabulary when a code is new) so constrained beam search can produce the new ID, and from then
+on returns scores over (or recommends from) n_items + 1 items. Models without `add_item` (item-ID models
+such as SASRec) are served as they are, and POST /v1/items answers 409.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ttds.data.dataset import PAD, TEXT_FIELDS, RecDataset
+from ttds.errors import TTDSError
+
+log = logging.getLogger(__name__)
+
+Rec = tuple[int, "float | None"]  # (item id, score; None when the model only ranks)
+
+
+class NewItemsUnsupported(TTDSError):
+    """The served model has a fixed item vocabulary."""
+
+
+class ServingEngine(Protocol):
+    model_version: str
+    n_items: int
+    n_users: int
+    supports_new_items: bool
+
+    def user_history(self, user: int) -> list[int]: ...
+
+    def recommend_histories(
+        self, histories: list[list[int]], k: int, user_texts: list[str | None] | None = None, users: list[int] | None = None
+    ) -> list[list[Rec]]: ...
+
+    def add_item(self, fields: dict[str, str]) -> tuple[int, list[str]]: ...
+
+    def item_tokens(self, item: int) -> list[str]: ...
+
+    def item_fields(self, item: int) -> dict[str, str]: ...
+
+
+def model_version(model_dir: str | Path) -> str:
+    """`<folder name>-<12 hex>`: a content hash of every file in the model folder (names and bytes)."""
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        if p.name in ("run.log",):
+            continue
+        h.update(str(p.relative_to(root)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return f"{root.resolve().name}-{h.hexdigest()[:12]}"
+
+
+def assign_new_id(index, base_codes) -> tuple[np.ndarray, list[int]]:
+    """Semantic ID for one new item from its tokenizer codes, with TTDS collision handling.
+
+    `index` is a SemanticIndex whose last level is the disambiguation level (prefix `p`) when
+    `len(base_codes) == index.n_levels - 1`; the new item gets the first disambiguation code not used by
+    the items sharing its base codes. Returns (the index's new codes array, new level sizes).
+    """
+    base = np.asarray(base_codes, dtype=np.int64).reshape(-1)
+    codes, sizes = index.codes, list(index.level_sizes)
+    if len(base) == index.n_levels:  # no disambiguation level: the ID must be free as it is
+        if len(codes) and (codes == base).all(axis=1).any():
+            raise TTDSError(f"new item: semantic ID {base.tolist()} is taken and the index has no disambiguation level")
+        row = base
+    elif len(base) == index.n_levels - 1:
+        same = (codes[:, :-1] == base).all(axis=1) if len(codes) else np.zeros(0, bool)
+        used = set(codes[same, -1].tolist())
+        row = np.append(base, next(j for j in range(len(used) + 1) if j not in used))
+    else:
+        raise ValueError(f"assign_new_id: {len(base)} codes for an index of {index.n_levels} levels")
+    sizes = [max(s, int(c) + 1) for s, c in zip(sizes, row)]
+    return np.vstack([codes, row[None]]) if len(codes) else row[None], sizes
+
+
+class RecommenderEngine:
+    """Adapts a `Recommender` + its dataset to `ServingEngine`. Not thread-safe: callers serialise
+    calls (the API runs every model call on one worker thread; see `ttds.serve.worker`)."""
+
+    def __init__(self, model, ds: RecDataset, version: str, max_history: int = 20, exclude_history: bool = True, device="cpu"):
+        if not (hasattr(model, "scores") or hasattr(model, "recommend")):
+            raise TTDSError(f"model {type(model).__name__}: expected a Recommender with scores() or recommend()")
+        self.model, self.ds, self.model_version = model, ds, version
+        self.max_history, self.exclude_history, self.device = max_history, exclude_history, device
+        self.n_users = ds.n_users
+        self.supports_new_items = hasattr(model, "add_item")
+        self._fields = {f: list(ds.item_text[f]) for f in TEXT_FIELDS}
+        self._lock = threading.Lock()  # guards the item tables while an item is being added
+
+    @property
+    def n_items(self) -> int:
+        return len(self._fields["title"])
+
+    def user_history(self, user: int) -> list[int]:
+        return [int(i) for i in self.ds.sequences[user]]
+
+    def user_text(self, user: int) -> str | None:
+        from ttds.data.dataset import user_texts
+
+        texts = user_texts(self.ds, user)
+        return " ".join(texts) if texts else None
+
+    def item_fields(self, item: int) -> dict[str, str]:
+        with self._lock:
+            return {f: v[item] for f, v in self._fields.items()}
+
+    def item_tokens(self, item: int) -> list[str]:
+        index = getattr(self.model, "index", None)
+        if index is not None and hasattr(index, "tokens") and item < index.n:
+            return index.tokens(item)
+        if self.ds.index is not None and item in self.ds.index:
+            return list(self.ds.index[item])
+        return []
+
+    def add_item(self, fields: dict[str, str]) -> tuple[int, list[str]]:
+        if not self.supports_new_items:
+            raise NewItemsUnsupported(
+                f"model {type(self.model).__name__} has a fixed item vocabulary: new items need retraining"
+            )
+        fields = {f: str(fields.get(f) or "") for f in TEXT_FIELDS}
+        item = int(self.model.add_item(fields))  # ADAPTER POINT: item tower -> semantic ID -> trie (module docstring)
+        if item != self.n_items:
+            raise RuntimeError(f"model.add_item returned item {item}, expected the next id {self.n_items}")
+        with self._lock:
+            for f in TEXT_FIELDS:
+                self._fields[f].append(fields[f])
+        return item, self.item_tokens(item)
+
+    def recommend_histories(self, histories, k, user_texts=None, users=None):
+        import torch
+
+        B, n = len(histories), self.n_items
+        hist = np.full((B, self.max_history), PAD, dtype=np.int64)
+        for b, h in enumerate(histories):
+            h = list(h)[-self.max_history:] if self.max_history else []
+            if h:
+                hist[b, self.max_history - len(h):] = h
+        users_t = torch.tensor([PAD if u is None else int(u) for u in (users or [None] * B)], dtype=torch.long)
+        hist_t = torch.from_numpy(hist)
+        seen = [set(int(i) for i in h) if self.exclude_history else set() for h in histories]
+        kwargs = {"user_texts": user_texts} if user_texts is not None and getattr(self.model, "accepts_user_text", False) else {}
+        with torch.inference_mode():
+            if hasattr(self.model, "scores"):
+                s = self.model.scores(users_t.to(self.device), hist_t.to(self.device), **kwargs).float().cpu()
+                if s.shape != (B, n):
+                    raise RuntimeError(f"model.scores returned shape {tuple(s.shape)}, expected {(B, n)}")
+                for b, items in enumerate(seen):
+                    if items:
+                        s[b, list(items)] = float("-inf")
+                top = torch.topk(s, min(k, n), dim=1)
+                out = []
+                for b in range(B):
+                    out.append([(int(i), float(v)) for i, v in zip(top.indices[b], top.values[b]) if v != float("-inf")])
+                return out
+            want = min(n, k + (max((len(x) for x in seen), default=0)))
+            res = self.model.recommend(users_t.to(self.device), hist_t.to(self.device), want, **kwargs)
+            items, scores = res if isinstance(res, tuple) else (res, None)
+            items = items.cpu().tolist()
+            scores = scores.float().cpu().tolist() if scores is not None else None
+        out = []
+        for b in range(B):
+            row, taken = [], set()
+            for j, i in enumerate(items[b]):
+                if 0 <= i < n and i not in seen[b] and i not in taken:
+                    taken.add(i)
+                    row.append((int(i), None if scores is None else float(scores[b][j])))
+                if len(row) == k:
+                    break
+            out.append(row)
+        return out
+
+
+def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_history: bool = True) -> RecommenderEngine:
+    """A trained model folder (any recipe, via `ttds.recipes.load_model`) + its dataset -> a RecommenderEngine."""
+    import torch
+
+    from ttds.data.readers import load_dataset
+    from ttds.recipes import load_model
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise TTDSError(f"--model {model_dir}: folder not found")
+    cfg, model = load_model(root, torch.device(device))
+    ds = load_dataset(str(data))
+    n = getattr(model, "n_items", ds.n_items)
+    if n != ds.n_items:
+        raise TTDSError(f"--data {data}: {ds.n_items} items, but the model in {root} was trained on {n}")
+    if hasattr(model, "eval"):
+        model.eval()
+    max_history = int((cfg.get("data") or {}).get("max_history") or 20)
+    engine = RecommenderEngine(model, ds, model_version(root), max_history, exclude_history, device)
+    log.info("serving %s: %d users, %d items", engine.model_version, ds.n_users, ds.n_items)
+    return engine
