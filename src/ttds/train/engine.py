@@ -1,0 +1,81 @@
+"""Pieces of the LM training engine: length-bucketed batches, the LR schedule, FLOPs and MFU.
+
+Small and independent so the generative recipe (and the dynamic TTDS recipe) compose them.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ttds.tasks.builders import Example
+
+
+def bucket_batches(examples: list[Example], batch_size: int, rng: np.random.Generator, max_tokens: int = 0) -> list[list[int]]:
+    """Batches of similar length: sort by length (random tie-break), cut into batches of `batch_size`
+    examples (or fewer when `max_tokens` caps padded tokens per batch), shuffle the batch order."""
+    lengths = np.asarray([len(e.tokens) for e in examples])
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) >= batch_size or (max_tokens and (len(cur) + 1) * lengths[i] > max_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(int(i))
+    if cur:
+        batches.append(cur)
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+def collate(examples: list[Example], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T], attention mask [B, T], labels [B, T] (token predicted at p, -100 none)."""
+    T = max(len(e.tokens) for e in examples)
+    ids = torch.full((len(examples), T), pad, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.tokens)
+        tok = torch.as_tensor(e.tokens)
+        ids[b, :n] = tok
+        attn[b, :n] = 1
+        tgt = torch.as_tensor(e.target[1:])
+        labels[b, : n - 1] = torch.where(tgt, tok[1:], torch.full_like(tok[1:], -100))
+    return ids, attn, labels
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.05) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `min_ratio`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def dense_peak_flops(n: int = 1024, repeats: int = 5, dtype=torch.float32) -> float:
+    """Achievable dense matmul FLOP/s on the current threads/device (best of `repeats`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding parameters) + the attention term 12 x layers x d x T
+    (PaLM appendix B). Embedding lookups are free; the ID-only head is counted in the parameters."""
+    cfg = model.backbone.hf_model.config
+    emb = model.backbone.hf_model.get_input_embeddings().weight.numel()
+    pos = getattr(getattr(model.backbone.body, "embeddings", None), "position_embeddings", None)
+    emb += pos.weight.numel() if pos is not None else 0
+    n_params = sum(p.numel() for p in model.lm.parameters()) - emb
+    out_emb = model.backbone.hf_model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight.data_ptr() != model.backbone.hf_model.get_input_embeddings().weight.data_ptr():
+        n_params -= out_emb.weight.numel()  # the unused full-vocab LM head (BERT/LLaMA untied)
+    n_params += sum(p.numel() for p in model.head.parameters())
+    return 6.0 * n_params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from _generative_fixtures import tiny_backbone_dir
+from ttds.backbone import Backbone, BackboneConfig
+from ttds.index.base import SemanticIndex
+from ttds.models.beam import beam_search, beam_search_prompts, exhaustive_scores
+from ttds.models.generative import GenerativeRecommender
+
+
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def model(request, tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tiny_backbone_dir(tmp_path_factory.mktemp("bb"), request.param)
+    bb = Backbone.load(BackboneConfig(name_or_path=str(folder), causal=True))
+    codes = np.unique(np.random.default_rng(1).integers(0, 4, (30, 3)), axis=0)  # a sparse 3-level trie
+    items = SemanticIndex(codes, [4, 4, 4], ["a", "b", "c"])
+    users = SemanticIndex(np.arange(6).reshape(6, 1), [6], ["ua"], "user")
+    m = GenerativeRecommender(bb, items, users).eval()
+    with torch.no_grad():
+        m.id_emb.mul_(30)  # peaked distributions so rankings are not near-ties
+    return m
+
+
+def test_beam_matches_exhaustive_and_is_valid(model):
+    prompts = [model.codec.seqrec_prompt(0, [1, 2, 3]), model.codec.seqrec_prompt(3, [5]), model.codec.seqrec_prompt(5, [])]
+    n = model.item_index.n
+    # beam >= catalogue: beam search is exact, so it must equal exhaustive scoring of every ID
+    ent, score = beam_search(model, prompts, model.trie, 0, beam=64, k=10)
+    for i, p in enumerate(prompts):
+        ref = exhaustive_scores(model, p, model.item_index.codes)
+        top = ref.topk(10)
+        assert ent[i].tolist() == top.indices.tolist()
+        assert torch.allclose(score[i], top.values, atol=1e-4)
+    # default beam 20 < catalogue: still valid, unique, sorted; more than the catalogue -> -1 padding
+    ent, score = beam_search(model, prompts, model.trie, 0, beam=20, k=20)
+    for row, s in zip(ent.tolist(), score):
+        assert all(0 <= e < n for e in row) and len(set(row)) == 20
+        assert torch.all(s[:-1] >= s[1:])
+    ent, _ = beam_search(model, prompts[:1], model.trie, 0, beam=64, k=n + 5)
+    assert sorted(ent[0, :n].tolist()) == list(range(n)) and ent[0, n:].tolist() == [-1] * 5
+
+
+def test_batching_does_not_change_results(model):
+    prompts = [model.codec.seqrec_prompt(u % 6, list(range(u % 7))) for u in range(9)]
+    alone = torch.cat([beam_search(model, [p], model.trie, 0, beam=20, k=10)[0] for p in prompts])
+    batched, _ = beam_search_prompts(model, prompts, model.trie, 0, beam=20, k=10, batch=4)
+    assert torch.equal(alone, batched)
+
+
+def test_user_tower_beam(model):
+    prompt = model.codec.render("Item {item} was bought by: ", item=2)
+    ent, _ = beam_search(model, [prompt], model.user_trie, model.user_group0, beam=6, k=6)
+    assert sorted(ent[0].tolist()) == list(range(6))
