@@ -1,8 +1,106 @@
-"""`ttds train`, `ttds eval`, `ttds bench`: filled in by the training/evaluation layer."""
+"""`ttds train`, `ttds eval`, `ttds bench`."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from ttds.errors import TTDSError
+
+
+def default_out(model: str, dataset_name: str) -> Path:
+    return Path("runs") / f"{model}-{dataset_name}"
+
+
+def train_model(model: str, data: str, out: Path | None = None, config: str | None = None,
+                overrides: list[str] | None = None, drop_short: bool = False) -> tuple[dict, Path]:
+    """Resolve the config, load the data, run the model's recipe. Returns (metrics, out_dir)."""
+    from ttds.config import load_config
+    from ttds.data.readers import load_dataset
+    from ttds.recipes import recipe
+
+    ds = load_dataset(data, drop_short=drop_short)
+    cfg = load_config(model=model, dataset=ds.name, file=config, overrides=overrides)
+    cfg["name"] = model
+    out = Path(out) if out else default_out(model, ds.name)
+    return recipe(cfg).train(cfg, ds, out), out
+
+
+def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool = False,
+               overrides: list[str] | None = None) -> dict:
+    from ttds.config import set_path, parse_override
+    from ttds.data.dataset import leave_one_out
+    from ttds.data.readers import load_dataset
+    from ttds.eval.evaluator import evaluate
+    from ttds.io import write_json
+    from ttds.recipes import load_model, run_config
+    from ttds.runtime import machine_info, setup_torch
+
+    if split not in ("test", "valid"):
+        raise TTDSError(f"--split {split!r}: expected test or valid")
+    cfg = run_config(model_dir)
+    for text in overrides or []:
+        set_path(cfg, *parse_override(text))
+    device = setup_torch(cfg)
+    _, model = load_model(model_dir, device)
+    ds = load_dataset(data, drop_short=drop_short)
+    if ds.n_items != model.n_items:
+        raise TTDSError(f"--data {data}: {ds.n_items} items, but the model in {model_dir} was trained on {model.n_items}")
+    sp = leave_one_out(ds, int(cfg["data"]["max_history"]))
+    ev = cfg.get("eval") or {}
+    m = evaluate(model, getattr(sp, split), int(ev.get("batch_size", 1024)), tuple(ev.get("ks", (1, 5, 10))),
+                 bool(ev.get("mask_seen", False)), device, desc=split)
+    result = {"model": cfg.get("name"), "dataset": ds.name, "split": split, "mask_seen": bool(ev.get("mask_seen", False)),
+              "metrics": m, "machine": machine_info()}
+    write_json(Path(model_dir) / f"eval-{ds.name}-{split}.json", result)
+    return result
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("train")
+    def train_cmd(
+        model: str = typer.Option(..., "--model", help="Model config name, e.g. sasrec (see configs/models)."),
+        data: str = typer.Option(..., "--data", help="Dataset: an LC-Rec folder, a table folder, or 'builtin'."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<model>-<dataset>)."),
+        config: Optional[str] = typer.Option(None, "--config", help="Extra YAML config layer."),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
+        drop_short: bool = typer.Option(False, "--drop-short", help="Drop users with < 3 interactions."),
+    ):
+        """Train a model (resumes from the run folder if interrupted); prints valid/test metrics."""
+        from ttds.eval.evaluator import format_metrics
+
+        metrics, out_dir = train_model(model, data, out, config, set_, drop_short)
+        typer.echo(format_metrics({f"{model} valid": metrics["valid"], f"{model} test": metrics["test"]}))
+        typer.echo(f"run folder: {out_dir}")
+
+    @app.command("eval")
+    def eval_cmd(
+        model_dir: Path = typer.Option(..., "--model-dir", help="A run folder written by `ttds train`."),
+        data: str = typer.Option(..., "--data", help="The dataset the model was trained on."),
+        split: str = typer.Option("test", "--split", help="test (target seq[-1]) or valid (seq[-2])."),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="Override KEY=VALUE, e.g. eval.batch_size=256."),
+        drop_short: bool = typer.Option(False, "--drop-short", help="Drop users with < 3 interactions."),
+    ):
+        """Evaluate a saved model with full ranking; prints a table and writes eval-<dataset>-<split>.json."""
+        from ttds.eval.evaluator import format_metrics
+
+        r = eval_model(model_dir, data, split, drop_short, set_)
+        typer.echo(format_metrics({f"{r['model']} {split}": r["metrics"]}))
+        typer.echo(f"{r['metrics']['n']} users, {r['metrics']['eval_seconds']} s")
+
+    @app.command("bench")
+    def bench_cmd(
+        suite: str = typer.Argument(..., help="Suite name, e.g. classic."),
+        data: str = typer.Option(..., "--data", help="Dataset folder or 'builtin'."),
+        runs: Path = typer.Option(Path("runs/bench"), "--runs", help="Where run folders go."),
+        results: Path = typer.Option(Path("benchmarks/results"), "--results", help="Where result JSON/MD go."),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="Override for every model, KEY=VALUE."),
+        only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these suite entries."),
+        drop_short: bool = typer.Option(False, "--drop-short", help="Drop users with < 3 interactions."),
+    ):
+        """Train + evaluate every model of a suite; writes <results>/<suite>-<dataset>.json and .md."""
+        from ttds.bench.harness import run_suite
+
+        md = run_suite(suite, data, runs, results, set_ or [], only or [], drop_short)
+        typer.echo(md)

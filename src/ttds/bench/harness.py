@@ -1,0 +1,100 @@
+"""Run a benchmark suite: train + evaluate every entry in its own process (so peak RSS and
+timings are per model), collect each run's metrics.json, write <results>/<suite>-<dataset>.json
+and .md after every model (partial results survive an interruption). Re-running resumes: a
+finished run returns its stored metrics, an interrupted one continues from its checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ttds.bench.suites import SUITES, Entry
+from ttds.errors import TTDSError
+from ttds.io import read_json, write_json, write_text
+from ttds.runtime import machine_info
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR")
+
+
+def dataset_name(data: str, drop_short: bool = False) -> str:
+    from ttds.data.readers import load_dataset
+
+    return load_dataset(data, drop_short=drop_short).name
+
+
+def run_entry(entry: Entry, data: str, run_dir: Path, overrides: list[str], drop_short: bool) -> dict:
+    cmd = [sys.executable, "-m", "ttds", "train", "--model", entry.model, "--data", data, "--out", str(run_dir)]
+    for o in list(entry.overrides) + list(overrides):
+        cmd += ["--set", o]
+    if drop_short:
+        cmd.append("--drop-short")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("bench %s: %s", entry.label, " ".join(cmd))
+    t0 = time.perf_counter()
+    with open(run_dir / "bench.log", "a", encoding="utf-8") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0 or not (run_dir / "metrics.json").is_file():
+        return {"label": entry.label, "model": entry.model, "error": f"exit code {rc}; see {run_dir / 'bench.log'}"}
+    m = read_json(run_dir / "metrics.json")
+    return {"label": entry.label, "model": entry.model, "overrides": list(entry.overrides) + list(overrides),
+            "wall_seconds": round(time.perf_counter() - t0, 1), **m}
+
+
+def format_markdown(result: dict) -> str:
+    mi = result["machine"]
+    lines = [
+        f"# {result['suite']} on {result['dataset']}",
+        "",
+        "Test split (target seq[-1]), leave-one-out, full ranking over all items, seen items NOT masked, "
+        "pessimistic ties; model chosen by validation NDCG@10.",
+        f"Machine: {mi['cpu']}, {mi['cores']} cores, torch {mi['torch']}, {mi['threads']} threads "
+        "(shared with other jobs: wall times are indicative).",
+        "",
+        "| model | " + " | ".join(COLUMNS) + " | best epoch | epochs (stop) | train s | s/epoch | test eval s | peak RSS MB |",
+        "|---" * (len(COLUMNS) + 7) + "|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['label']} | " + " | ".join("-" for _ in COLUMNS) + f" | failed: {r['error']} |||||")
+            continue
+        t = r["test"]
+        lines.append(
+            f"| {r['label']} | " + " | ".join(f"{t[c]:.4f}" for c in COLUMNS)
+            + f" | {r['best_epoch']} | {r['epochs']} ({r['stopped']}) | {r['train_seconds']:.0f} | "
+            f"{r['seconds_per_epoch']} | {r['eval_seconds']} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_suite(suite: str, data: str, runs: Path, results: Path, overrides: list[str], only: list[str],
+              drop_short: bool = False) -> str:
+    if suite not in SUITES:
+        raise TTDSError(f"suite {suite!r}: unknown; known suites: {', '.join(SUITES)}")
+    entries = SUITES[suite]
+    if only:
+        unknown = [o for o in only if o not in {e.label for e in entries} | {e.model for e in entries}]
+        if unknown:
+            raise TTDSError(f"--only {unknown[0]!r}: not in suite {suite} ({', '.join(e.label for e in entries)})")
+        entries = [e for e in entries if e.label in only or e.model in only]
+    name = dataset_name(data, drop_short)
+    json_path = Path(results) / f"{suite}-{name}.json"
+    previous = {r["label"]: r for r in read_json(json_path).get("rows", [])} if json_path.is_file() else {}
+    result = {"suite": suite, "dataset": name, "data": str(data), "machine": machine_info(),
+              "protocol": "leave-one-out; full ranking; no masking of seen items; pessimistic ties",
+              "rows": []}
+    rows = dict(previous)
+    for e in entries:
+        rows[e.label] = run_entry(e, data, Path(runs) / f"{suite}-{name}" / e.label, overrides, drop_short)
+        order = [x.label for x in SUITES[suite]]
+        result["rows"] = sorted(rows.values(), key=lambda r: order.index(r["label"]) if r["label"] in order else 99)
+        ran = [r["machine"] for r in result["rows"] if "machine" in r]
+        result["machine"] = ran[-1] if ran else result["machine"]  # as seen by the training processes
+        write_json(json_path, result)
+        md = format_markdown(result)
+        write_text(json_path.with_suffix(".md"), md)
+    return md

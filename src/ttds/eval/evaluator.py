@@ -1,0 +1,77 @@
+"""The one evaluation protocol: leave-one-out, full ranking over the whole catalogue, no masking.
+
+`evaluate(model, evalset)` works for any model with `scores(users, history)` (all items scored)
+or `recommend(users, history, k)` (a ranked list of ids); see `ttds.models.base`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ttds.data.dataset import EvalSet
+from ttds.eval.metrics import metrics_from_ranks, ranks_from_lists, ranks_from_scores
+from ttds.io import write_json
+from ttds.models.base import has_recommend, has_scores
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10, mask_seen: bool = False,
+                   device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval") -> np.ndarray:
+    """0-based rank of every target (pessimistic ties; MISS when a list does not contain it)."""
+    if not (has_scores(model) or has_recommend(model)):
+        raise TypeError(f"{type(model).__name__} has neither scores() nor recommend()")
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    out = []
+    bar = tqdm(range(0, len(evalset), batch_size), desc=desc, leave=False, disable=not progress, unit="batch")
+    with torch.no_grad():
+        for start in bar:
+            sl = slice(start, start + batch_size)
+            users = torch.as_tensor(evalset.users[sl], device=device)
+            hist = torch.as_tensor(evalset.history[sl], device=device)
+            target = torch.as_tensor(evalset.target[sl], device=device)
+            if has_scores(model):
+                s = model.scores(users, hist)
+                out.append(ranks_from_scores(s, target, hist if mask_seen else None).cpu().numpy())
+            else:
+                if mask_seen:
+                    raise ValueError("mask_seen is only supported for models that score all items")
+                lists = model.recommend(users, hist, k)
+                out.append(ranks_from_lists(lists, target, model.n_items))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def evaluate(model, evalset: EvalSet, batch_size: int = 1024, ks=(1, 5, 10), mask_seen: bool = False,
+             device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval") -> dict:
+    """Metrics over `evalset` plus `n` (users) and `eval_seconds`."""
+    t0 = time.perf_counter()
+    ranks = evaluate_ranks(model, evalset, batch_size, max(ks), mask_seen, device, progress, desc)
+    out = metrics_from_ranks(ranks, ks)
+    out["n"] = int(len(ranks))
+    out["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+METRIC_ORDER = ("HR@1", "HR@5", "HR@10", "NDCG@1", "NDCG@5", "NDCG@10", "MRR")
+
+
+def format_metrics(rows: dict[str, dict], digits: int = 4) -> str:
+    """A plain text table: one row per name, the metric columns that exist."""
+    cols = [c for c in METRIC_ORDER if any(c in r for r in rows.values())]
+    cols += sorted({c for r in rows.values() for c in r if c.startswith(("HR@", "NDCG@")) and c not in cols})
+    width = max([len("model")] + [len(n) for n in rows])
+    lines = [f"{'':{width}}  " + "  ".join(f"{c:>8}" for c in cols)]
+    for name, r in rows.items():
+        cells = [f"{r[c]:>8.{digits}f}" if isinstance(r.get(c), (int, float)) else f"{'-':>8}" for c in cols]
+        lines.append(f"{name:{width}}  " + "  ".join(cells))
+    return "\n".join(lines) + "\n(full ranking over all items, leave-one-out, seen items not masked)"
+
+
+def save_metrics(path: str | Path, metrics: dict, **extra) -> None:
+    write_json(path, {**extra, **metrics})

@@ -1,0 +1,138 @@
+"""Classical baselines: each learns, SASRec beats random, checkpoints resume exactly, CLI end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ttds.config import load_config
+from ttds.data.dataset import leave_one_out
+from ttds.data.readers import load_dataset
+from ttds.eval.evaluator import evaluate
+from ttds.io import load_safetensors
+from ttds.train import classic
+from ttds.train.classic import build_model, prefixes, windows
+
+MODELS = ["sasrec", "sasrec_bce", "gru4rec", "bert4rec", "caser", "hgn", "fmlp"]
+TINY = "builtin:users=200,items=120,seed=3"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    return load_dataset(TINY)
+
+
+def test_windows_cover_every_target_once():
+    seqs = [np.arange(10, 17), np.array([1, 2]), np.array([5])]
+    users, w = windows(seqs, 4)
+    targets = sorted(int(t) for row in w for t, prev in zip(row[1:], row[:-1]) if t >= 0 and prev >= 0)
+    assert targets == sorted(list(range(11, 17)) + [2])
+    assert set(users.tolist()) == {0, 1}
+    u, p = prefixes(seqs, 3)
+    assert p.tolist()[:3] == [[-1, 10, 11], [10, 11, 12], [11, 12, 13]] and len(p) == 7
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_model_learns(name, tiny):
+    cfg = load_config(model=name)
+    split = leave_one_out(tiny, 20)
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny.n_items, tiny.n_users)
+    make = prefixes if model.train_mode == "last" else windows
+    users, seqs = (torch.as_tensor(a) for a in make(split.train, 21))
+    users, seqs = users[:128], seqs[:128]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def batch_loss():
+        torch.manual_seed(1)  # same masks / negatives before and after
+        model.eval()
+        with torch.no_grad():
+            return model.loss(users, seqs).item()
+
+    before = batch_loss()
+    model.train()
+    for _ in range(25):
+        loss = model.loss(users, seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = batch_loss()
+    assert np.isfinite(after) and after < 0.9 * before, (name, before, after)
+    s = model.eval().scores(torch.as_tensor(split.test.users[:4]), torch.as_tensor(split.test.history[:4]))
+    assert s.shape == (4, tiny.n_items) and torch.isfinite(s).all()
+
+
+class RandomScores:
+    def __init__(self, n_items):
+        self.n_items = n_items
+        self.g = torch.Generator().manual_seed(0)
+
+    def scores(self, users, history):
+        return torch.rand(len(users), self.n_items, generator=self.g)
+
+
+def test_sasrec_beats_random(tmp_path):
+    ds = load_dataset("builtin:users=400,items=150,seed=1")
+    cfg = load_config(model="sasrec", overrides=["train.epochs=8", "threads=1", "train.lr=0.005"])
+    m = classic.train(cfg, ds, tmp_path / "run")
+    rnd = evaluate(RandomScores(ds.n_items), leave_one_out(ds, 20).test, progress=False)
+    assert m["test"]["NDCG@10"] > 2 * rnd["NDCG@10"], (m["test"], rnd)
+    assert m["test"]["HR@10"] > 1.5 * rnd["HR@10"]
+    assert (tmp_path / "run" / "model.safetensors").is_file() and m["best_epoch"] >= 1
+
+
+def test_resume_continues_the_same_run(tmp_path, tiny):
+    over = ["threads=1", "train.patience=100", "model.dropout=0.3"]
+    straight = load_config(model="sasrec", overrides=over + ["train.epochs=3"])
+    classic.train(straight, tiny, tmp_path / "a")
+    first = load_config(model="sasrec", overrides=over + ["train.epochs=1"])
+    m1 = classic.train(first, tiny, tmp_path / "b")
+    assert m1["epochs"] == 1
+    classic.train(straight, tiny, tmp_path / "b")  # same command with more epochs: resumes
+    a = load_safetensors(tmp_path / "a" / "last.safetensors")
+    b = load_safetensors(tmp_path / "b" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k != "rng.torch":
+            torch.testing.assert_close(a[k], b[k], msg=k)
+    sa = json.loads((tmp_path / "a" / "state.json").read_text())
+    sb = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert sa["epoch"] == sb["epoch"] == 3 and sa["history"][-1]["valid"] == sb["history"][-1]["valid"]
+    # a finished run is not retrained
+    again = classic.train(straight, tiny, tmp_path / "a")
+    assert again["epochs"] == 3
+
+
+def run_cli(args):
+    from ttds.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code
+
+
+def test_cli_train_eval_bench(tmp_path, capsys):
+    out = tmp_path / "run"
+    data = "builtin:users=120,items=80"
+    assert run_cli(["train", "--model", "gru4rec", "--data", data, "--out", str(out),
+                    "--set", "train.epochs=1", "--set", "threads=1"]) in (0, None)
+    assert "gru4rec test" in capsys.readouterr().out
+    assert run_cli(["eval", "--model-dir", str(out), "--data", data, "--split", "valid"]) in (0, None)
+    text = capsys.readouterr().out
+    assert "HR@10" in text and "not masked" in text
+    r = json.loads((out / "eval-builtin-valid.json").read_text())
+    assert r["split"] == "valid" and 0 <= r["metrics"]["NDCG@10"] <= 1
+    train_metrics = json.loads((out / "metrics.json").read_text())
+    assert r["metrics"]["NDCG@10"] == pytest.approx(train_metrics["valid"]["NDCG@10"])
+    # user mistakes: one line, exit code 2
+    assert run_cli(["train", "--model", "nope", "--data", data, "--out", str(tmp_path / "x")]) == 2
+    assert "known models" in capsys.readouterr().err
+    assert run_cli(["eval", "--model-dir", str(tmp_path / "none"), "--data", data]) == 2
+    # the harness, one cheap entry
+    res = tmp_path / "results"
+    assert run_cli(["bench", "classic", "--data", data, "--runs", str(tmp_path / "b"), "--results", str(res),
+                    "--only", "HGN", "--set", "train.epochs=1", "--set", "threads=1"]) in (0, None)
+    j = json.loads((res / "classic-builtin.json").read_text())
+    assert [r["label"] for r in j["rows"]] == ["HGN"] and "peak_rss_mb" in j["rows"][0]
+    assert "| HGN |" in (res / "classic-builtin.md").read_text()

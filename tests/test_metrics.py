@@ -1,0 +1,95 @@
+"""Every metric against hand-computed cases: ties, constant scores, short lists, duplicates, invalid ids."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ttds.eval.metrics import MISS, metrics_from_ranks, ranks_from_lists, ranks_from_scores
+
+
+def test_ranks_from_scores_basic():
+    s = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
+    assert ranks_from_scores(s, torch.tensor([1, 3])).tolist() == [0, 3]
+    assert ranks_from_scores(s, torch.tensor([2, 0])).tolist() == [1, 0]
+
+
+def test_ties_are_pessimistic():
+    s = torch.tensor([[0.5, 0.5, 0.5, 0.1], [1.0, 2.0, 2.0, 0.0]])
+    # target 0 ties with items 1, 2 -> ranked after both; target 1 ties with item 2 -> rank 1
+    assert ranks_from_scores(s, torch.tensor([0, 1])).tolist() == [2, 1]
+
+
+def test_constant_model_scores_zero():
+    n = 50
+    s = torch.zeros(7, n)
+    r = ranks_from_scores(s, torch.arange(7))
+    assert r.tolist() == [n - 1] * 7
+    m = metrics_from_ranks(r)
+    for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):
+        assert m[k] == 0.0
+    assert m["MRR"] == pytest.approx(1 / n)
+
+
+def test_nan_target_is_a_miss():
+    s = torch.tensor([[float("nan"), 0.2, 0.1]])
+    assert ranks_from_scores(s, torch.tensor([0])).tolist() == [MISS]
+
+
+def test_mask_seen_option():
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.5]])
+    hist = torch.tensor([[-1, 0, 1]])
+    assert ranks_from_scores(s, torch.tensor([3])).tolist() == [2]
+    assert ranks_from_scores(s, torch.tensor([3]), seen=hist).tolist() == [0]
+    # the target itself is never masked even if it was seen before
+    assert ranks_from_scores(s, torch.tensor([1]), seen=hist).tolist() == [0]
+
+
+def test_metrics_hand_computed():
+    ranks = np.array([0, 1, 4, 5, 9, 10])
+    m = metrics_from_ranks(ranks, ks=(1, 5, 10))
+    assert m["HR@1"] == pytest.approx(1 / 6)
+    assert m["HR@5"] == pytest.approx(3 / 6)
+    assert m["HR@10"] == pytest.approx(5 / 6)
+    ndcg = lambda r: 1 / math.log2(r + 2)  # noqa: E731
+    assert m["NDCG@1"] == pytest.approx(1 / 6)
+    assert m["NDCG@5"] == pytest.approx((ndcg(0) + ndcg(1) + ndcg(4)) / 6)
+    assert m["NDCG@10"] == pytest.approx((ndcg(0) + ndcg(1) + ndcg(4) + ndcg(5) + ndcg(9)) / 6)
+    assert m["MRR"] == pytest.approx(sum(1 / (r + 1) for r in ranks) / 6)
+    # rank 1 at NDCG: 1/log2(3) = 0.6309...
+    assert metrics_from_ranks([1], ks=(5,))["NDCG@5"] == pytest.approx(0.6309297535714575)
+
+
+def test_lists_basic_and_shorter_than_k():
+    lists = [[3, 1, 2], [5, 6, 7], [0, 9, 4]]
+    r = ranks_from_lists(lists, [1, 8, 4], n_items=10)
+    assert r.tolist() == [1, MISS, 2]
+    m = metrics_from_ranks(r, ks=(1, 5, 10))
+    assert m["HR@1"] == 0.0
+    assert m["HR@5"] == pytest.approx(2 / 3)
+    assert m["HR@10"] == pytest.approx(2 / 3)  # a list of 3 cannot hit beyond position 3
+    assert m["NDCG@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 3)
+    assert m["MRR"] == pytest.approx((1 / 2 + 1 / 3) / 3)
+
+
+def test_lists_duplicates_are_removed_and_later_items_move_up():
+    # 2 repeated twice: target 5 moves from position 3 to position 2
+    assert ranks_from_lists([[2, 2, 7, 5]], [5], n_items=10).tolist() == [2]
+    assert ranks_from_lists([[2, 2, 2, 2]], [2], n_items=10).tolist() == [0]
+
+
+def test_lists_invalid_ids_occupy_a_slot_and_never_hit():
+    # -1 and 10 are invalid (n_items=10): they take positions 0 and 1; target 3 is at position 2
+    assert ranks_from_lists([[-1, 10, 3]], [3], n_items=10).tolist() == [2]
+    # an invalid id equal to an out-of-range "target" never matches
+    assert ranks_from_lists([[10, 11]], [10], n_items=10).tolist() == [MISS]
+    # repeated invalid ids each keep a slot
+    assert ranks_from_lists([[-1, -1, 4]], [4], n_items=10).tolist() == [2]
+
+
+def test_lists_and_scores_agree():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(20, 30, generator=g)
+    t = torch.randint(0, 30, (20,), generator=g)
+    top = s.argsort(1, descending=True)
+    assert ranks_from_lists(top, t, 30).tolist() == ranks_from_scores(s, t).tolist()
