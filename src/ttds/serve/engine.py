@@ -191,8 +191,11 @@ class RecommenderEngine:
         return out
 
 
-def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_history: bool = True) -> RecommenderEngine:
-    """A trained model folder (any recipe, via `ttds.recipes.load_model`) + its dataset -> a RecommenderEngine."""
+def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_history: bool = True, threads: int = 0) -> RecommenderEngine:
+    """A trained model folder (any recipe, via `ttds.recipes.load_model`) + its dataset -> a RecommenderEngine.
+
+    `threads` > 0 sets torch's intra-op threads (serving on a busy CPU: 1 thread avoids oversubscription,
+    which costs a small model 100x at batch 1 when the cores are shared)."""
     import torch
 
     from ttds.data.readers import load_dataset
@@ -202,6 +205,8 @@ def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_h
     if not root.is_dir():
         raise TTDSError(f"--model {model_dir}: folder not found")
     cfg, model = load_model(root, torch.device(device))
+    if threads > 0:  # after loading: a recipe may set threads from its config
+        torch.set_num_threads(threads)
     ds = load_dataset(str(data))
     n = getattr(model, "n_items", ds.n_items)
     if n != ds.n_items:
