@@ -187,7 +187,7 @@ def test_store_versions_and_atomic_swap(store):
     assert store.get(0) is None  # not visible before publish
     store.publish("v1")
     got = store.get(3)
-    assert (got.items, got.scores, got.model_version, got.created_at) == ([3, 4], [1.0, 0.5], "m1", 103.0)
+    assert (got.items, got.scores, got.model_version, got.created_at, got.k) == ([3, 4], [1.0, 0.5], "m1", 103.0, 2)
     # a second version being built is invisible until its pointer flip
     store.begin("v2", "m2", 2, 4)
     store.put_many("v2", [e(u, "m2") for u in range(2)])
@@ -512,3 +512,49 @@ def test_cli_precompute_and_serve_engine_with_sasrec(sasrec_dir, tmp_path, ds):
     st.close()
     r = CliRunner().invoke(app, ["precompute", "--model", str(tmp_path / "none"), "--data", DATA, "--store", url])
     assert r.exit_code != 0
+
+
+def test_cli_precompute_killed_then_resumed(sasrec_dir, tmp_path):
+    """SIGKILL a real `ttds precompute` mid-run; the re-run keeps every committed user, loses and
+    duplicates none, and publishes only when complete."""
+    import os
+    import signal
+    import sqlite3
+    import sys
+
+    data = "builtin:users=1000,items=80,seed=3"  # same catalogue as the model, more users
+    db = tmp_path / "kill.db"
+    cmd = [sys.executable, "-m", "ttds", "precompute", "--model", str(sasrec_dir), "--data", data, "--k", "5",
+           "--store", f"sqlite:///{db}", "--batch-size", "1", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def written() -> tuple[int, str | None]:
+        try:
+            with sqlite3.connect(db, timeout=5) as c:
+                tables = [t for (t,) in c.execute("SELECT name FROM sqlite_master WHERE name LIKE 'recs_%'")]
+                active = c.execute("SELECT tag FROM pointer").fetchone()
+                return (c.execute(f"SELECT COUNT(*) FROM {tables[0]}").fetchone()[0] if tables else 0), active
+        except sqlite3.Error:
+            return 0, None
+
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and written()[0] < 100:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    n_first, active = written()
+    assert 100 <= n_first < 1000 and active is None, (n_first, active)
+    st = open_store(f"sqlite:///{db}")
+    tag = st.versions()[0].tag
+    with st._tx() as c:
+        before = dict(c.execute(f"SELECT user, entry FROM recs_{tag}"))
+    cmd[cmd.index("--batch-size") + 1] = "64"  # the batch size may change between runs
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["users"] == 1000 and res["written"] == 1000 - len(before)
+    assert st.active() == tag and st.done_users(tag) == set(range(1000))
+    with st._tx() as c:
+        after = dict(c.execute(f"SELECT user, entry FROM recs_{tag}"))
+    assert all(after[u] == e for u, e in before.items())  # committed users were not recomputed
+    st.close()

@@ -232,7 +232,7 @@ def create_app(engine, store=None, max_body_bytes: int = 64 * 1024, max_batch: i
                 entry = store.get(user_id)
             except Exception as e:  # a store outage degrades to online generation, never a 500
                 log.warning("store %s: %s", getattr(store, "url", store), e)
-        if entry is not None and (len(entry.items) >= k or len(entry.items) >= engine.n_items):
+        if entry is not None and entry.k >= k:
             metrics.cache_lookup(True)
             recs = list(zip(entry.items[:k], entry.scores[:k]))
             return {"user_id": user_id, "k": k, "source": "cache", "model_version": entry.model_version,

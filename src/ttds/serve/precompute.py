@@ -43,7 +43,7 @@ def precompute(engine, store: Store, k: int = 50, batch_size: int = 256, progres
             recs = engine.recommend_histories([engine.user_history(u) for u in users], k, None, users)
             now = time.time()
             store.put_many(tag, [
-                Entry(u, [i for i, _ in r], [sc for _, sc in r], engine.model_version, now) for u, r in zip(users, recs)
+                Entry(u, [i for i, _ in r], [sc for _, sc in r], engine.model_version, now, k) for u, r in zip(users, recs)
             ])
             written += len(users)
             bar.update(len(users))

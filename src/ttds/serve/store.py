@@ -39,14 +39,16 @@ class Entry:
     scores: list[float | None]
     model_version: str
     created_at: float  # unix time the entry was computed
+    k: int = 0  # how many items were asked for (a list can be shorter: seen items are left out)
 
     def to_json(self) -> str:
-        return json.dumps({"i": self.items, "s": self.scores, "m": self.model_version, "t": self.created_at}, separators=(",", ":"))
+        d = {"i": self.items, "s": self.scores, "m": self.model_version, "t": self.created_at, "k": self.k or len(self.items)}
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, user: int, text: str | bytes) -> "Entry":
         d = json.loads(text)
-        return cls(user, d["i"], d["s"], d["m"], d["t"])
+        return cls(user, d["i"], d["s"], d["m"], d["t"], d["k"])
 
 
 @dataclass
