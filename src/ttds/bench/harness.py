@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ttds.bench.suites import SUITES, Entry
+from ttds.bench.suites import REFERENCE, SUITES, Entry
 from ttds.errors import TTDSError
 from ttds.io import read_json, write_json, write_text
 from ttds.runtime import machine_info
@@ -53,21 +53,29 @@ def format_markdown(result: dict) -> str:
         "Test split (target seq[-1]), leave-one-out, full ranking over all items, seen items NOT masked, "
         "pessimistic ties; model chosen by validation NDCG@10.",
         f"Machine: {mi['cpu']}, {mi['cores']} cores, torch {mi['torch']}, {mi['threads']} threads "
-        "(shared with other jobs: wall times are indicative).",
+        "(shared with other jobs: wall times are indicative; CPU s/epoch is this process's CPU time).",
         "",
-        "| model | " + " | ".join(COLUMNS) + " | best epoch | epochs (stop) | train s | s/epoch | test eval s | peak RSS MB |",
-        "|---" * (len(COLUMNS) + 7) + "|",
+        "| model | " + " | ".join(COLUMNS)
+        + " | best epoch | epochs (stop) | train s | s/epoch | CPU s/epoch | test eval s | peak RSS MB |",
+        "|---" * (len(COLUMNS) + 8) + "|",
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['label']} | " + " | ".join("-" for _ in COLUMNS) + f" | failed: {r['error']} |||||")
+            lines.append(f"| {r['label']} | " + " | ".join("-" for _ in COLUMNS) + f" | failed: {r['error']} ||||||")
             continue
         t = r["test"]
         lines.append(
             f"| {r['label']} | " + " | ".join(f"{t[c]:.4f}" for c in COLUMNS)
             + f" | {r['best_epoch']} | {r['epochs']} ({r['stopped']}) | {r['train_seconds']:.0f} | "
-            f"{r['seconds_per_epoch']} | {r['eval_seconds']} | {r['peak_rss_mb']:.0f} |"
+            f"{r['seconds_per_epoch']} | {r.get('cpu_seconds_per_epoch') or '-'} | {r['eval_seconds']} | "
+            f"{r['peak_rss_mb']:.0f} |"
         )
+    ref = REFERENCE.get(result["dataset"], {})
+    if ref:
+        lines += ["", "Reference figures (NOT measured by this harness; the paper's numbers are the paper's):", "",
+                  "| reference | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for name, r in ref.items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 

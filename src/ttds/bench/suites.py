@@ -26,3 +26,18 @@ SUITES: dict[str, list[Entry]] = {
         Entry("FMLP-Rec", "fmlp"),
     ],
 }
+
+
+# Reference figures printed under a suite's table, never mixed with our measurements.
+# "paper": TTDS (arXiv 2409.09253) Table 1, the paper's own numbers (only the rows we were given).
+# "RecBole 1.2.1": an external anchor run on this machine (SASRec, CE, hidden 64, 2 layers, max length 20,
+# batch 2048, lr 1e-3, same leave-one-out split, full ranking, chosen by validation NDCG@10; ~100 s/epoch).
+REFERENCE: dict[str, dict[str, dict[str, float]]] = {
+    "Instruments": {
+        "SASRec (paper)": {"HR@10": 0.0947, "NDCG@10": 0.0690},
+        "SASRec (RecBole 1.2.1 anchor)": {"HR@10": 0.1052, "NDCG@10": 0.0628},
+    },
+    "Games": {
+        "SASRec (paper)": {"HR@10": 0.0940, "NDCG@10": 0.0481},
+    },
+}

@@ -228,7 +228,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         torch.manual_seed(seed)
         batches = length_batches(lengths, tc.batch_size, np.random.default_rng(seed))
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         total, count, over_budget = 0.0, 0, False
         bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch")
         for idx in bar:
@@ -249,6 +249,8 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         bar.close()
         epoch_time = time.perf_counter() - t0
         state["epoch_seconds"].append(round(epoch_time, 2))
+        # CPU time of this process: on a shared machine, wall time mostly measures the neighbours
+        state.setdefault("epoch_cpu_seconds", []).append(round(time.process_time() - c0, 2))
         state["epoch"] = epoch + 1
         entry = {"epoch": epoch + 1, "loss": round(total / max(count, 1), 5), "seconds": round(epoch_time, 2)}
         if (epoch + 1) % tc.eval_every == 0 or over_budget or epoch + 1 >= tc.epochs:
@@ -286,6 +288,8 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         "stopped": state["stopped"],
         "train_seconds": round(state["train_seconds"], 1),
         "seconds_per_epoch": round(float(np.mean(secs)), 2) if secs else None,
+        "cpu_seconds_per_epoch": round(float(np.mean(state["epoch_cpu_seconds"])), 2)
+        if state.get("epoch_cpu_seconds") else None,
         "eval_seconds": test["eval_seconds"],
         "n_params": n_params,
         "peak_rss_mb": round(peak_rss_mb(), 1),

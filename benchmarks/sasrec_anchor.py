@@ -1,0 +1,32 @@
+"""Our SASRec (CE) against the RecBole 1.2.1 anchor and the paper's row.
+
+Usage: .venv/bin/python benchmarks/sasrec_anchor.py RUN_DIR [RUN_DIR ...]
+(RUN_DIR = a `ttds train --model sasrec` folder holding metrics.json). Prints one table.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ttds.bench.suites import REFERENCE
+from ttds.io import read_json
+
+RECBOLE_SECONDS_PER_EPOCH = 100.0  # measured on this machine, 2 cores, same settings (issue 3)
+
+
+def main(dirs: list[str]) -> None:
+    print(f"| run | dataset | HR@10 | NDCG@10 | best epoch / epochs | s/epoch | vs RecBole s/epoch | threads |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in dirs:
+        m = read_json(Path(d) / "metrics.json")
+        t = m["test"]
+        ratio = m["seconds_per_epoch"] / RECBOLE_SECONDS_PER_EPOCH if m["dataset"] == "Instruments" else None
+        print(f"| {Path(d).name} | {m['dataset']} | {t['HR@10']:.4f} | {t['NDCG@10']:.4f} | {m['best_epoch']} / "
+              f"{m['epochs']} ({m['stopped']}) | {m['seconds_per_epoch']} | "
+              f"{'%.2fx' % ratio if ratio else '-'} | {m['machine']['threads']} |")
+        for name, r in REFERENCE.get(m["dataset"], {}).items():
+            print(f"| {name} | {m['dataset']} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | | | | |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
