@@ -9,6 +9,7 @@ import typer
 
 ModelOpt = typer.Option(..., "--model", help="A trained model folder (what `ttds train` wrote).")
 DataOpt = typer.Option(..., "--data", help="The dataset the model was trained on.")
+SeenOpt = typer.Option(True, "--exclude-seen/--keep-seen", help="Leave the user's history items out of the lists.")
 StoreOpt = typer.Option("sqlite:///runs/serve/cache.db", "--store", help="sqlite:///path.db or redis://127.0.0.1:6379/0")
 
 
@@ -22,13 +23,14 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(256, "--batch-size", min=1, help="Users per model call."),
         device: str = typer.Option("cpu", "--device"),
         threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default)."),
+        exclude_seen: bool = SeenOpt,
     ):
         """Pre-compute every user's top-K into a store (resumable; published atomically when complete)."""
         from ttds.serve.engine import load_engine
         from ttds.serve.precompute import precompute
         from ttds.serve.store import open_store
 
-        engine = load_engine(model, data, device, threads=threads)
+        engine = load_engine(model, data, device, exclude_seen, threads)
         st = open_store(store)
         try:
             out = precompute(engine, st, k, batch_size)
@@ -47,6 +49,7 @@ def register(app: typer.Typer) -> None:
         max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0.0, help="How long a request waits for others to batch with."),
         device: str = typer.Option("cpu", "--device"),
         threads: int = typer.Option(1, "--threads", min=0, help="torch threads for online generation (0: torch's default)."),
+        exclude_seen: bool = SeenOpt,
     ):
         """Run the recommendation API (OpenAPI schema at /docs and /openapi.json)."""
         import uvicorn
@@ -55,6 +58,6 @@ def register(app: typer.Typer) -> None:
         from ttds.serve.engine import load_engine
         from ttds.serve.store import open_store
 
-        engine = load_engine(model, data, device, threads=threads)
+        engine = load_engine(model, data, device, exclude_seen, threads)
         app = create_app(engine, open_store(store) if store else None, max_batch=max_batch, max_wait_ms=max_wait_ms)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -8,7 +8,7 @@ New items (POST /v1/items) — the ADAPTER POINT for the generative model:
 a model that can take new items without retraining implements
 
     add_item(fields: dict[str, str]) -> int        # new item id (== the old n_items)
-    index: SemanticIndex                           # item semantic IDs, including the new item
+    index or item_index: SemanticIndex             # item semantic IDs, including the new item
 
 i.e. it encodes the item text with its backbone, quantises it with its item tower, resolves a collision
 with `assign_new_id` below (TTDS rule: one more disambiguation code), extends its prefix trie (and the
@@ -126,7 +126,7 @@ class RecommenderEngine:
             return {f: v[item] for f, v in self._fields.items()}
 
     def item_tokens(self, item: int) -> list[str]:
-        index = getattr(self.model, "index", None)
+        index = getattr(self.model, "index", None) or getattr(self.model, "item_index", None)
         if index is not None and hasattr(index, "tokens") and item < index.n:
             return index.tokens(item)
         if self.ds.index is not None and item in self.ds.index:

@@ -1,6 +1,6 @@
 """Batch pre-compute: every user's top-K into a store, resumable, published atomically at the end.
 
-The version tag is a hash of (model version, dataset content, K), so re-running the same command after
+The version tag is a hash of (model version, dataset content, K, seen-item rule), so re-running the same command after
 an interruption re-opens the same unfinished version, skips the users already written and carries on;
 each batch is written in one transaction, so a user is either fully written or not at all.
 Only when every user is present is the version published (readers switch over in one step).
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def version_tag(engine, k: int) -> str:
-    h = hashlib.sha256(f"{engine.model_version}|k={k}|users={engine.n_users}|items={engine.n_items}|".encode())
+    seen = getattr(engine, "exclude_history", None)
+    h = hashlib.sha256(f"{engine.model_version}|k={k}|users={engine.n_users}|items={engine.n_items}|seen={seen}|".encode())
     for u in range(engine.n_users):
         h.update(np.asarray(engine.user_history(u), dtype=np.int64).tobytes() + b"|")
     return "v" + h.hexdigest()[:16]

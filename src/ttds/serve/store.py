@@ -279,7 +279,7 @@ class RedisStore(Store):
         u = urlparse(url)
         self.prefix = parse_qs(u.query).get("prefix", ["ttds:"])[0]
         try:
-            self.r = redis.Redis.from_url(url.split("?")[0], socket_timeout=10, socket_connect_timeout=5)
+            self.r = redis.Redis.from_url(url.split("?")[0], socket_timeout=5, socket_connect_timeout=5)
             self.r.ping()
         except (redis.RedisError, ValueError) as e:
             raise TTDSError(f"--store {url!r}: cannot reach Redis ({e})") from None
