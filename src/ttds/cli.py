@@ -74,6 +74,7 @@ def _register_commands() -> None:
 
     train_commands.register(app)
     __import__("ttds.serve.commands", fromlist=["register"]).register(app)  # ttds precompute, ttds serve
+    __import__("ttds.index.commands", fromlist=["register"]).register(app)  # ttds index build|stats
 
 
 _register_commands()

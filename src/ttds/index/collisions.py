@@ -1,0 +1,122 @@
+"""Making semantic IDs unique, and the figures that describe a code assignment.
+
+Two strategies (config `index.collisions`):
+  ttds   append one disambiguation level: an entity's code there is its order inside the set of
+         entities that share its codes (0 for entities without a collision).
+  lcrec  LC-Rec: re-assign the last level of colliding entities with a Sinkhorn-Knopp transport
+         plan (uniform over codes) computed from their distances to the last codebook, repeated a
+         few rounds; whatever still collides then gets the `ttds` disambiguation level.
+  none   keep the codes as they are (IDs may collide).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ttds.errors import TTDSError
+
+STRATEGIES = ("ttds", "lcrec", "none")
+
+
+def colliding(codes: np.ndarray) -> np.ndarray:
+    """Boolean [n]: the entity shares its full code with another entity."""
+    if not len(codes):
+        return np.zeros(0, dtype=bool)
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    return counts[inverse.ravel()] > 1
+
+
+def collision_rate(codes: np.ndarray) -> float:
+    return float(colliding(codes).mean()) if len(codes) else 0.0
+
+
+def disambiguate(codes: np.ndarray) -> np.ndarray:
+    """Append the order inside each colliding set as one more level: [n, L] -> [n, L+1], unique rows."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if not len(codes):
+        return np.zeros((0, codes.shape[1] + 1), dtype=np.int64)
+    _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.argsort(inverse, kind="stable")  # entities grouped by code, id order inside a group
+    grouped = inverse[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(grouped)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    extra = np.empty(len(codes), dtype=np.int64)
+    extra[order] = rank
+    return np.concatenate([codes, extra[:, None]], axis=1)
+
+
+def sinkhorn(cost: torch.Tensor, epsilon: float = 0.003, iters: int = 100) -> torch.Tensor:
+    """Sinkhorn-Knopp in the log domain: transport plan [n, K] with rows summing to 1/n, columns to 1/K."""
+    n, k = cost.shape
+    c = cost / cost.max().clamp_min(1e-12)  # scale-free epsilon (as LC-Rec)
+    log_q = -c / epsilon
+    log_r, log_c = -math.log(n), -math.log(k)
+    u = torch.zeros(n, dtype=cost.dtype)
+    v = torch.zeros(k, dtype=cost.dtype)
+    for _ in range(iters):
+        u = log_r - torch.logsumexp(log_q + v[None, :], dim=1)
+        v = log_c - torch.logsumexp(log_q + u[:, None], dim=0)
+    return (log_q + u[:, None] + v[None, :]).exp()
+
+
+def sinkhorn_reassign(codes: np.ndarray, last_distances: torch.Tensor, rounds: int = 20, epsilon: float = 0.003) -> np.ndarray:
+    """LC-Rec: move colliding entities to other last-level codes, uniformly spread by Sinkhorn."""
+    codes = np.asarray(codes, dtype=np.int64).copy()
+    if last_distances.shape != (len(codes), last_distances.shape[1]):
+        raise ValueError("sinkhorn_reassign: distances must be [n, K]")
+    best = int(colliding(codes).sum())
+    for _ in range(rounds):
+        coll = np.flatnonzero(colliding(codes))
+        if len(coll) == 0:
+            break
+        plan = sinkhorn(last_distances[torch.from_numpy(coll)].double(), epsilon)
+        trial = codes.copy()
+        trial[coll, -1] = plan.argmax(1).numpy()
+        n_coll = int(colliding(trial).sum())
+        if n_coll >= best:
+            break
+        codes, best = trial, n_coll
+    return codes
+
+
+def resolve(codes: np.ndarray, strategy: str = "ttds", last_distances: torch.Tensor | None = None) -> np.ndarray:
+    """Apply a collision strategy; `ttds` and `lcrec` always return unique rows with one extra level."""
+    if strategy not in STRATEGIES:
+        raise TTDSError(f"config index.collisions={strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    codes = np.asarray(codes, dtype=np.int64)
+    if strategy == "none":
+        return codes
+    if strategy == "lcrec" and last_distances is not None:
+        codes = sinkhorn_reassign(codes, last_distances)
+    return disambiguate(codes)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def level_usage(codes: np.ndarray, level_sizes: list[int]) -> list[dict]:
+    """Per level: codes used, share of the codebook used, perplexity (exp of the code entropy)."""
+    out = []
+    for level, k in enumerate(level_sizes):
+        counts = np.bincount(codes[:, level], minlength=k) if len(codes) else np.zeros(k)
+        p = counts[counts > 0] / max(1, counts.sum())
+        out.append({"level": level, "size": int(k), "used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
+                    "perplexity": float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0})
+    return out
+
+
+def code_report(raw: np.ndarray, final: np.ndarray, level_sizes: list[int]) -> dict:
+    """Collision rate before/after, max colliding-set size, per-level usage of the raw codes."""
+    sizes = np.unique(raw, axis=0, return_counts=True)[1] if len(raw) else np.zeros(0)
+    return {
+        "n": int(len(raw)),
+        "collision_rate_before": collision_rate(raw),
+        "collision_rate_after": collision_rate(final),
+        "distinct_ids_before": int(len(sizes)),
+        "max_collision_set": int(sizes.max()) if len(sizes) else 0,
+        "levels": level_usage(raw, level_sizes),
+        "levels_after": int(final.shape[1]) if final.ndim == 2 else 0,
+    }

@@ -1,0 +1,152 @@
+"""Semantic index: RQ-VAE training, collision handling, LSH/random, files, semantic check, CLI."""
+import numpy as np
+import pytest
+import torch
+
+from ttds.errors import TTDSError
+from ttds.index import collisions
+from ttds.index.base import SemanticIndex
+from ttds.index.build import IndexConfig, build, build_index, load_index, save_build, tower_texts
+from ttds.index.quality import entity_texts, semantic_check
+from ttds.index.rqvae import RQVAE, RQVAEConfig
+
+SMALL = {"epochs": 30, "batch_size": 64, "code_dim": 32, "hidden": [128], "kmeans_iters": 10}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and does not stall when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import os
+
+    from ttds.backbone import Backbone
+    from ttds.data.readers import load_dataset
+
+    os.environ["TTDS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    ds = load_dataset("builtin:users=200,items=120")
+    return ds, Backbone.load("minilm")
+
+
+def cfg(**kw):
+    base = dict(levels=3, codebook_size=16, rqvae=SMALL)
+    base.update(kw)
+    return IndexConfig(**base)
+
+
+def test_rqvae_loss_decreases_and_exposes_levels(env):
+    ds, bb = env
+    from ttds.index.build import embed
+
+    x, _, _ = embed(bb, tower_texts(ds, "item", IndexConfig(), bb.tokenizer))
+    m = RQVAE(x.shape[1], RQVAEConfig(levels=3, codebook_size=16, **(SMALL | {"epochs": 100})))
+    m.fit(x, progress=False)
+    h = m.history
+    # the commitment term first grows with the latent scale; reconstruction falls from the start
+    assert h["epochs"] == 100 and h["recon"][-1] < 0.7 * h["recon"][0] and h["loss"][-1] < 0.95 * h["loss"][0]
+    codes = m.encode(x)
+    assert codes.shape == (ds.n_items, 3) and int(codes.max()) < 16
+    q = m.quantize(m.embed(x[:5]))  # what the dynamic model uses: per-level residuals and code vectors
+    assert len(q.residuals) == len(q.vectors) == 3 and q.vectors[0].shape == (5, 32)
+    assert torch.equal(q.codes, codes[:5])
+    assert torch.allclose(q.vectors[1], m.codebooks[1][codes[:5, 1]])
+    assert torch.allclose(q.residuals[1], q.residuals[0] - q.vectors[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ttds", "lcrec"])
+def test_collision_handling_makes_ids_unique(env, strategy):
+    ds, bb = env
+    b = build(ds, "item", bb, cfg(levels=2, codebook_size=4, collisions=strategy), progress=False)
+    assert b.stats["collision_rate_before"] > 0.5  # 16 possible IDs for 120 items
+    assert b.index.is_unique() and b.index.collision_rate() == 0.0 and b.stats["collision_rate_after"] == 0.0
+    assert b.index.prefixes == ["a", "b", "p"] and b.index.n == ds.n_items
+    if strategy == "ttds":  # the first levels are the raw codes, the extra one the order in the set
+        assert (b.index.codes[:, :2] == b.raw_codes).all()
+
+
+def test_disambiguate_and_sinkhorn():
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 3, (300, 2))
+    d = collisions.disambiguate(raw)
+    assert collisions.collision_rate(d) == 0 and (d[:, :2] == raw).all()
+    _, counts = np.unique(raw, axis=0, return_counts=True)
+    assert d[:, 2].max() == counts.max() - 1
+    # 8 entities on one code; 8 last-level codes free: Sinkhorn spreads them
+    raw = np.zeros((8, 2), dtype=np.int64)
+    dist = torch.rand(8, 8)
+    moved = collisions.sinkhorn_reassign(raw, dist)
+    assert collisions.colliding(moved).sum() < 8 and (moved[:, 0] == 0).all()
+    plan = collisions.sinkhorn(torch.rand(40, 8).double(), epsilon=0.05, iters=200)
+    assert torch.allclose(plan.sum(0), torch.full((8,), 1 / 8, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rqvae", "lsh", "random"])
+def test_index_kinds_share_interface_and_round_trip(env, kind, tmp_path):
+    ds, bb = env
+    b = build(ds, "item", bb, cfg(kind=kind), progress=False)
+    assert isinstance(b.index, SemanticIndex) and b.index.n == ds.n_items and b.index.is_unique()
+    assert b.tokenizer.level_sizes == [16, 16, 16] and b.raw_codes.shape == (ds.n_items, 3)
+    assert b.index.id_string(0).startswith("<a_")
+    save_build(b, tmp_path / kind)
+    idx, tok = load_index(tmp_path / kind)
+    assert (idx.codes == b.index.codes).all() and idx.level_sizes == b.index.level_sizes and idx.prefixes == b.index.prefixes
+    x = torch.randn(7, 384)
+    assert torch.equal(tok.encode(x), b.tokenizer.encode(x))  # same tokenizer weights after reload
+
+
+def test_prefix_codes_are_semantic(env):
+    ds, bb = env
+    texts, cats = entity_texts(ds, "item")
+    sem = {k: semantic_check(build(ds, "item", bb, cfg(kind=k), progress=False).index, texts, cats, level=1)
+           for k in ("rqvae", "random")}
+    assert sem["rqvae"]["jaccard_ratio"] > 2.0 and sem["rqvae"]["category_ratio"] > 2.0
+    assert sem["rqvae"]["jaccard_ratio"] > 2 * sem["random"]["jaccard_ratio"]
+
+
+def test_user_tower_and_recipe_entry_point(env, tmp_path):
+    ds, bb = env
+    run_cfg = {"index": {"options": {"kind": "lsh", "levels": 2, "codebook_size": 8, "max_text_tokens": 32}}}
+    users = build_index(run_cfg, ds, bb, "user", tmp_path)
+    assert users.tower == "user" and users.n == ds.n_users and users.prefixes == ["ua", "ub", "up"]
+    assert users.is_unique() and set(users.vocabulary()).isdisjoint(build(ds, "item", bb, cfg(kind="lsh")).index.vocabulary())
+    idx, tok = load_index(tmp_path / "tokenizer.user")
+    assert (idx.codes == users.codes).all() and tok is not None
+    with pytest.raises(TTDSError, match="index.options.levles"):
+        build_index({"index": {"options": {"levles": 3}}}, ds, bb, "item")
+    with pytest.raises(TTDSError, match="index.kind"):
+        IndexConfig(kind="kmeans")
+
+
+def test_given_index(env):
+    ds, bb = env
+    b = build(ds, "item", bb, cfg(kind="random"))
+    ds.index = {i: toks for i, toks in enumerate(b.index.to_json().values())}
+    try:
+        g = build(ds, "item", None, cfg(kind="given"))
+        assert (g.index.codes == b.index.codes).all() and g.tokenizer is None
+        with pytest.raises(TTDSError, match="item index only"):
+            build(ds, "user", None, cfg(kind="given"))
+    finally:
+        ds.index = None
+
+
+def test_cli_build_and_stats(run_cli, tmp_path):
+    out = tmp_path / "ix"
+    code, stdout, err = run_cli("index", "build", "--data", "builtin:users=200,items=120", "--kind", "lsh",
+                                "--out", out, "--set", "index.options.levels=2", "--set", "index.options.codebook_size=16")
+    assert code == 0, err
+    assert "collision rate" in stdout and "ratio" in stdout
+    code, stdout, _ = run_cli("index", "stats", out, "--data", "builtin:users=200,items=120")
+    assert code == 0 and "perplexity" in stdout and "title-word Jaccard" in stdout
+    code, stdout, _ = run_cli("index", "stats", out / "index.json")
+    assert code == 0 and "after 0.0000" in stdout
+    code, _, err = run_cli("index", "stats", tmp_path / "missing")
+    assert code == 2 and "no such index" in err
+    code, _, err = run_cli("index", "build", "--data", "builtin:users=200,items=120", "--kind", "bogus", "--out", out)
+    assert code == 2 and "index.kind" in err
