@@ -56,7 +56,8 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.05) -
 
 def dense_peak_flops(n: int = 1024, repeats: int = 5, dtype=torch.float32) -> float:
     """Achievable dense matmul FLOP/s on the current threads/device (best of `repeats`)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # a private generator: measuring must not move the training RNG
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
     a @ b
     best = float("inf")
     for _ in range(repeats):
