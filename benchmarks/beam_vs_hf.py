@@ -1,0 +1,164 @@
+"""This engine's constrained beam search vs. HF `generate(num_beams=20, prefix_allowed_tokens_fn=...)`.
+
+Same trained model, same prompts, side by side in one run:
+  HF      batch 1 (LC-Rec's way): `generate` with the trie as `prefix_allowed_tokens_fn`; the model
+          is exposed to HF through a thin adapter whose logits are the model's own ID-head logits
+          for the level being generated (-inf elsewhere), so both engines score identically.
+  ttds    `beam_search_prompts`: users and beams batched, prompt once, KV cache expanded to beams.
+Prints a table: users/s of each, the speed ratio, and how many top-10 lists are identical.
+
+    python benchmarks/beam_vs_hf.py --model-dir runs/lcrec-Scientific --data /work/shared/data/Scientific --users 30
+    python benchmarks/beam_vs_hf.py --model-dir runs/x --data D --full-test     # also time the whole test set
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def hf_adapter(rec):
+    """A `GenerationMixin` model around a GenerativeRecommender: full-vocabulary logits that are
+    the ID head's logits of the next level (decided by the last input token) and -inf elsewhere."""
+    from transformers import GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    import copy
+
+    base_config = copy.deepcopy(rec.backbone.hf_model.config)  # HF edits the config it is given
+
+    class Adapter(PreTrainedModel, GenerationMixin):
+        config_class = type(base_config)
+        base_model_prefix = "rec"
+        _supports_cache_class = True
+        _supports_sdpa = True
+
+        def __init__(self):
+            super().__init__(base_config)
+            self.rec = rec
+            self.vocab = rec.n_words + rec.n_id_tokens
+            self.n_item_levels = len(rec.item_index.level_sizes)
+
+        def get_input_embeddings(self):
+            return self.rec.backbone.hf_model.get_input_embeddings()
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=True,
+                    cache_position=None, **kwargs):
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if attention_mask is None or attention_mask.shape[1] != past + input_ids.shape[1]:
+                # HF hands only the new tokens' mask slice during decoding; prompts here are unpadded
+                attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long)
+            if position_ids is None:
+                position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            h, pkv = self.rec.hidden(input_ids, attention_mask, position_ids, past_key_values, use_cache=True)
+            last = input_ids[:, -1]
+            group = torch.where(last >= self.rec.n_words, self.rec.token_group[(last - self.rec.n_words).clamp(min=0)] + 1, 0)
+            group = torch.where(group >= self.n_item_levels, 0, group)
+            logits = torch.full((len(last), 1, self.vocab), float("-inf"))
+            for g in group.unique().tolist():
+                m = group == g
+                s, k = self.rec.n_words + self.rec.offsets[g], self.rec.groups[g][2]
+                logits[m, 0, s:s + k] = self.rec.level_logits(h[m, -1], g).float()
+            return CausalLMOutputWithPast(logits=logits, past_key_values=pkv)
+
+    return Adapter().eval()
+
+
+def hf_recommend(adapter, rec, prompt: np.ndarray, beam: int, k: int) -> list[int]:
+    trie, L, V = rec.trie, rec.trie.n_levels, rec.n_words
+    P = len(prompt)
+    offs = np.asarray(rec.offsets[:L])
+
+    def allowed(batch_id, ids):
+        t = ids.shape[0] - P
+        codes = (ids[P:] - V - torch.as_tensor(offs[:t])).unsqueeze(0)
+        mask = trie.allowed_after(codes)[0]
+        return (torch.nonzero(mask).squeeze(1) + V + int(offs[t])).tolist()
+
+    ids = torch.as_tensor(prompt).unsqueeze(0)
+    out = adapter.generate(ids, attention_mask=torch.ones_like(ids), num_beams=beam, num_return_sequences=k,
+                           max_new_tokens=L, min_new_tokens=L, prefix_allowed_tokens_fn=allowed, do_sample=False,
+                           early_stopping=True, length_penalty=0.0, eos_token_id=None, pad_token_id=0, use_cache=True)
+    gen = out[:, P:] - V - torch.as_tensor(offs)
+    return rec.trie.entities(gen).tolist()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--users", type=int, default=30, help="test users compared (HF at batch 1 is slow)")
+    ap.add_argument("--beam", type=int, default=20)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32, help="users per forward of this engine")
+    ap.add_argument("--engine-users", type=int, default=1000, help="test users timed for this engine")
+    ap.add_argument("--full-test", action="store_true", help="also time this engine on every test user")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/beam_vs_hf.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from ttds.data.dataset import leave_one_out
+    from ttds.data.readers import load_dataset
+    from ttds.io import write_json
+    from ttds.models.beam import beam_search_prompts
+    from ttds.recipes import load_model, run_config
+
+    cfg = run_config(args.model_dir)
+    _, rec = load_model(args.model_dir, "cpu")
+    ds = load_dataset(args.data)
+    test = leave_one_out(ds, int(cfg["data"]["max_history"])).test
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(test), min(args.users, len(test)), replace=False)
+    prompts = rec.prompts(test.users[pick], test.history[pick])
+    adapter = hf_adapter(rec)
+
+    with torch.no_grad():
+        hf_recommend(adapter, rec, prompts[0], args.beam, args.k)  # warm-up
+        t = time.perf_counter()
+        hf_lists = [hf_recommend(adapter, rec, p, args.beam, args.k) for p in prompts]
+        hf_s = time.perf_counter() - t
+        t = time.perf_counter()
+        ours, _ = beam_search_prompts(rec, prompts, rec.trie, 0, args.beam, args.k, args.batch)
+        ours_small_s = time.perf_counter() - t
+        # throughput of this engine on a larger sample (batching needs users to batch)
+        m = min(args.engine_users, len(test))
+        big = rec.prompts(test.users[:m], test.history[:m])
+        t = time.perf_counter()
+        beam_search_prompts(rec, big, rec.trie, 0, args.beam, args.k, args.batch)
+        ours_s = time.perf_counter() - t
+    same = sum(a == b for a, b in zip(hf_lists, ours.tolist()))
+    same_set = sum(set(a) == set(b) for a, b in zip(hf_lists, ours.tolist()))
+    res = {
+        "model_dir": str(args.model_dir), "dataset": ds.name, "beam": args.beam, "k": args.k, "threads": args.threads,
+        "compared_users": len(prompts), "identical_top10_lists": same, "identical_top10_sets": same_set,
+        "hf_batch1_users_per_s": len(prompts) / hf_s,
+        "ttds_users_per_s_same_sample": len(prompts) / ours_small_s,
+        "ttds_users_per_s": m / ours_s, "ttds_timed_users": m,
+        "speedup": (m / ours_s) / (len(prompts) / hf_s),
+        "mean_prompt_tokens": float(np.mean([len(p) for p in big])),
+    }
+    if args.full_test:
+        allp = rec.prompts(test.users, test.history)
+        t = time.perf_counter()
+        with torch.no_grad():
+            beam_search_prompts(rec, allp, rec.trie, 0, args.beam, args.k, args.batch)
+        res["full_test_users"] = len(allp)
+        res["full_test_seconds"] = time.perf_counter() - t
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, res)
+    print(f"{'engine':<34}{'users/s':>10}")
+    print(f"{'HF generate, batch 1':<34}{res['hf_batch1_users_per_s']:>10.2f}")
+    print(f"{'ttds beam search (batched)':<34}{res['ttds_users_per_s']:>10.2f}")
+    print(f"speed-up x{res['speedup']:.1f}; identical top-{args.k} lists {same}/{len(prompts)} (same sets {same_set})")
+    if args.full_test:
+        print(f"full test set: {res['full_test_users']} users in {res['full_test_seconds'] / 60:.1f} min")
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
