@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ttds import dist
 from ttds.data.dataset import EvalSet
 from ttds.eval.metrics import metrics_from_ranks, ranks_from_lists, ranks_from_scores
 from ttds.io import write_json
@@ -29,7 +30,8 @@ def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10,
     if isinstance(model, torch.nn.Module):
         model.eval()
     out = []
-    bar = tqdm(range(0, len(evalset), batch_size), desc=desc, leave=False, disable=not progress, unit="batch")
+    starts = dist.shard_starts(len(evalset), batch_size)  # under torchrun: this rank's batches
+    bar = tqdm(starts, desc=desc, leave=False, disable=not progress or not dist.is_main(), unit="batch")
     with torch.no_grad():
         for start in bar:
             sl = slice(start, start + batch_size)
@@ -44,6 +46,7 @@ def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10,
                     raise ValueError("mask_seen is only supported for models that score all items")
                 lists = model.recommend(users, hist, k)
                 out.append(ranks_from_lists(lists, target, model.n_items))
+    out = dist.gather_batches(out, -(-len(evalset) // batch_size))  # every rank gets all users, in order
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ttds import dist
 from ttds.config import load_config, section
 from ttds.data.dataset import RecDataset, leave_one_out, pad_left
 from ttds.errors import TTDSError
@@ -181,7 +182,7 @@ def _can_continue(state: dict, epochs: int, budget: float) -> bool:
 
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     out = Path(out_dir)
-    device = start_run(cfg, out)
+    device = dist.setup(cfg, start_run(cfg, out))  # under torchrun: join the group, this rank's device
     tc = section(cfg, "train", TrainConfig)
     ec = section(cfg, "eval", EvalConfig)
     ks = tuple(ec.ks)
@@ -197,8 +198,10 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     model = build_model(cfg, ds.n_items, ds.n_users).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    write_json(out / "model.json", {"arch": cfg["model"]["arch"], "n_items": ds.n_items, "n_users": ds.n_users,
-                                    "max_history": max_len, "dataset": ds.name})
+    net = dist.wrap(model, cfg)  # net(...) = model.loss(...), through DDP under torchrun
+    if dist.is_main():
+        write_json(out / "model.json", {"arch": cfg["model"]["arch"], "n_items": ds.n_items, "n_users": ds.n_users,
+                                        "max_history": max_len, "dataset": ds.name})
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "train_seconds": 0.0,
              "valid_seconds": 0.0, "epoch_seconds": [], "history": [], "done": False, "stopped": ""}
     if (out / "last.safetensors").is_file():
@@ -213,6 +216,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     users_all, seqs_all = torch.as_tensor(users_np), torch.as_tensor(seqs_np)
     n = len(users_all)
     lengths = (seqs_np >= 0).sum(1)
+    n_terms = np.maximum(lengths - 1, 0) if make is windows else np.ones_like(lengths)  # loss terms per row
     log.info("%s (%s) on %s: %d parameters, %d training %s, device %s", cfg.get("name"), cfg["model"]["arch"], ds.name, n_params, n,
              "prefixes" if make is prefixes else "windows", device)
 
@@ -225,15 +229,16 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
             state["done"], state["stopped"] = True, "budget"
             break
         seed = int(cfg.get("seed", 0)) + epoch
-        torch.manual_seed(seed)
+        torch.manual_seed(dist.rank_seed(seed))
         batches = length_batches(lengths, tc.batch_size, np.random.default_rng(seed))
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         total, count, over_budget = 0.0, 0, False
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch")
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not dist.is_main())
         for idx in bar:
             width = int(lengths[idx].max())  # windows are left-padded: keep the last `width` columns
-            loss = model.loss(users_all[idx].to(device), seqs_all[idx, -width:].to(device))
+            part, factor = dist.shard(idx, n_terms)  # this rank's part of the global batch
+            loss = net(users_all[part].to(device), seqs_all[part, -width:].to(device)) * factor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
@@ -243,10 +248,11 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
             total, count = total + loss.item(), count + 1
             if count % 20 == 0:
                 bar.set_postfix(loss=f"{total / count:.4f}")
-            if state["train_seconds"] + time.perf_counter() - t0 >= budget:
+            if budget < math.inf and dist.any_rank(state["train_seconds"] + time.perf_counter() - t0 >= budget):
                 over_budget = True
                 break
         bar.close()
+        total = dist.mean(total)  # the global batches' mean loss
         epoch_time = time.perf_counter() - t0
         state["epoch_seconds"].append(round(epoch_time, 2))
         # CPU time of this process: on a shared machine, wall time mostly measures the neighbours
@@ -260,7 +266,8 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
             score = val["NDCG@10"]
             if score > state["best"]:
                 state["best"], state["best_epoch"], state["bad"] = score, epoch + 1, 0
-                save_safetensors(out / "model.safetensors", model.state_dict())
+                if dist.is_main():
+                    save_safetensors(out / "model.safetensors", model.state_dict())
             else:
                 state["bad"] += 1
             log.info("epoch %d: loss %.4f, %.1fs; valid NDCG@10 %.4f HR@10 %.4f (best %.4f @ %d)", epoch + 1,
@@ -271,9 +278,12 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         state["history"].append(entry)
         if over_budget:
             state["done"], state["stopped"] = True, "budget"
-        save_checkpoint(out, model, opt, state)
+        if dist.is_main():
+            save_checkpoint(out, model, opt, state)
 
-    save_checkpoint(out, model, opt, state)
+    if dist.is_main():
+        save_checkpoint(out, model, opt, state)
+    dist.barrier()  # model.safetensors is written
     best = load(out, device)
     test = evaluate(best, split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test")
     valid = evaluate(best, split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid")
@@ -296,7 +306,9 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         "machine": machine_info(),
         "protocol": "leave-one-out, full ranking over all items, seen items not masked, pessimistic ties",
     }
-    write_json(out / "metrics.json", metrics)
+    if dist.is_main():
+        write_json(out / "metrics.json", metrics)
+    dist.barrier()
     return metrics
 
 

@@ -1,0 +1,372 @@
+"""Distributed training and sharded inference with torch.distributed (DDP; FSDP2 as an option).
+
+The same command runs on one process or many:
+
+    ttds train --model sasrec --data builtin                                   # one process
+    torchrun --standalone --nproc_per_node 2 -m ttds train --model sasrec --data builtin
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv_backend c10d \
+             --rdzv_endpoint HOST:29500 -m ttds train --model ttss --data ... --set dist.backend=nccl
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; without them
+every function here is a no-op for one process (rank 0 of 1), so single-process runs are unchanged.
+
+Semantics (what makes N processes equal one):
+- A batch is GLOBAL: `train.batch_size` is the batch of the whole job. Every rank builds the same epoch
+  (same seed, same shuffle) and takes its contiguous part of each global batch (`shard`); the loss of a
+  part is scaled so that DDP's mean over ranks is the global batch's mean (`shard` returns the factor).
+  Resuming on another world size therefore continues the same global path.
+- Weights start identical (same seed; DDP also broadcasts rank 0's), gradients are all-reduced, the
+  optimizer steps on the same gradients everywhere; checkpoints hold the unwrapped model's state and
+  are written by rank 0 only (atomic files), followed by a barrier before anyone reads them.
+- Evaluation splits the evaluation BATCHES round-robin over ranks (each batch is exactly the one a single
+  process would run, so float results are bit-identical) and gathers the per-user ranks back in order.
+- Random streams that must differ per rank (dropout, sampled negatives) use `rank_seed(seed)`; rank 0 of
+  any world uses `seed` itself.
+- Nothing here pickles: objects travel as tensors (arrays) or JSON bytes.
+
+Config section `dist:` (`DistConfig`): backend auto|gloo|nccl, strategy ddp|fsdp, timeout_minutes,
+find_unused_parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from ttds.errors import TTDSError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl when the device is CUDA, else gloo) | gloo | nccl
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded)
+    timeout_minutes: float = 30.0
+    find_unused_parameters: bool = False
+
+
+# ---------------------------------------------------------------- process group
+
+
+def env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init(backend: str = "auto", device: str = "cpu", timeout_minutes: float = 30.0) -> bool:
+    """Join the process group described by the torchrun environment (idempotent). False for one process."""
+    if active():
+        return True
+    if env_world() <= 1:
+        return False
+    if backend == "auto":
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise TTDSError(f"config dist.backend={backend!r}: expected auto, gloo or nccl")
+    if backend == "nccl" and not (torch.cuda.is_available() and tdist.is_nccl_available()):
+        raise TTDSError("config dist.backend=nccl: NCCL needs CUDA GPUs; use dist.backend=gloo on CPU")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise TTDSError(f"environment: WORLD_SIZE={env_world()} but {key} is not set; launch with torchrun")
+    tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    log.info("process group: rank %d of %d, backend %s", rank(), world(), backend)
+    return True
+
+
+def setup(cfg: dict, device: torch.device) -> torch.device:
+    """Called by a recipe after `start_run`: join the group, pick this rank's device, share the CPU
+    threads among the processes of a node, and keep logs/progress to rank 0."""
+    from ttds.config import section
+
+    dc = section(cfg, "dist", DistConfig)
+    if dc.strategy not in ("ddp", "fsdp"):
+        raise TTDSError(f"config dist.strategy={dc.strategy!r}: expected ddp or fsdp")
+    if not init(dc.backend, str(device), dc.timeout_minutes):
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world()))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local))
+    if not is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+    return device
+
+
+def rank_seed(seed: int) -> int:
+    """A per-rank seed for streams that should differ between ranks; rank 0 keeps `seed`."""
+    return int(seed) + 1_000_003 * rank()
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. writes a file), then the others (who may read it)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+# ---------------------------------------------------------------- data sharding
+
+
+def shard(batch: np.ndarray | list, counts: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """This rank's contiguous part of a GLOBAL batch and the loss factor that turns DDP's gradient mean
+    over ranks into the mean over the whole batch.
+
+    `counts[i]` = how many loss terms sample i contributes (e.g. target positions; default 1 each).
+    If the local loss is the mean over its part's terms, multiplying it by the factor
+    world * (terms of the part) / (terms of the batch) makes the average over ranks the global mean.
+    A rank whose part would be empty (batch smaller than the world) gets the batch's first sample and
+    factor 0, so every rank still runs forward/backward (DDP's all-reduce needs all of them).
+    One process: (batch, 1.0), unchanged.
+    """
+    batch = np.asarray(batch)
+    if not active():
+        return batch, 1.0
+    w, r = world(), rank()
+    part = np.array_split(batch, w)[r]
+    if len(part) == 0:
+        return batch[:1], 0.0
+    if counts is None:
+        return part, w * len(part) / len(batch)
+    total = float(np.sum(counts[batch]))
+    return part, (w * float(np.sum(counts[part])) / total) if total else 0.0
+
+
+_UNSHARDED = False
+
+
+@contextlib.contextmanager
+def unsharded():
+    """Inside this block evaluation is not split over ranks: for code that only one rank runs."""
+    global _UNSHARDED
+    keep, _UNSHARDED = _UNSHARDED, True
+    try:
+        yield
+    finally:
+        _UNSHARDED = keep
+
+
+def sharding() -> bool:
+    return active() and not _UNSHARDED
+
+
+def shard_starts(n: int, batch_size: int) -> list[int]:
+    """Start offsets of this rank's evaluation batches: batch j goes to rank j % world."""
+    starts = list(range(0, n, batch_size))
+    return starts[rank()::world()] if sharding() else starts
+
+
+# ---------------------------------------------------------------- model wrapping
+
+
+class Method(nn.Module):
+    """Makes `model.<method>(...)` the forward of a module, so DDP/FSDP hooks run around it
+    (DDP synchronises gradients only for calls that go through forward)."""
+
+    def __init__(self, model: nn.Module, method: str = "loss"):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
+def wrap(model: nn.Module, cfg: dict, method: str = "loss") -> nn.Module:
+    """A module whose call runs `model.<method>`: DDP (or FSDP2) over it in a process group, the plain
+    wrapper otherwise. Keep using `model` itself for state_dict, evaluation and checkpoints."""
+    from ttds.config import section
+
+    dc = section(cfg, "dist", DistConfig)
+    net = Method(model, method)
+    if not active():
+        return net
+    if dc.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in model.modules():  # shard every transformer block, then the rest at the root
+            if m.__class__.__name__.endswith(("DecoderLayer", "Layer", "Block")) and m is not model:
+                fully_shard(m)
+        return fully_shard(net)
+    dev = next(model.parameters()).device
+    ids = [dev.index] if dev.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=dc.find_unused_parameters)
+
+
+def no_sync(net: nn.Module, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-batches (`sync` False); sync on the last one."""
+    if sync or not hasattr(net, "no_sync"):
+        return contextlib.nullcontext()
+    return net.no_sync()
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's state on every rank (FSDP-sharded parameters are gathered to full CPU tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- collectives (no pickle: tensors + JSON bytes)
+
+
+def _backend_device() -> torch.device:
+    if active() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(x: float | np.ndarray | torch.Tensor, op: str = "sum") -> float | np.ndarray | torch.Tensor:
+    """Sum (or max/min) of a number/array over ranks; returned in the type given."""
+    if not active():
+        return x
+    t = torch.as_tensor(np.asarray(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x).to(_backend_device())
+    t = t.clone()
+    tdist.all_reduce(t, {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op])
+    if isinstance(x, torch.Tensor):
+        return t.to(x.device)
+    return float(t) if np.ndim(x) == 0 else t.cpu().numpy()
+
+
+def mean(x: float) -> float:
+    return all_reduce(float(x)) / world()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any rank (e.g. a time budget ran out somewhere)."""
+    return bool(all_reduce(1.0 if flag else 0.0, "max")) if active() else bool(flag)
+
+
+def all_gather_array(a: np.ndarray) -> list[np.ndarray]:
+    """Every rank's array (any length along axis 0, same trailing shape and dtype), in rank order."""
+    a = np.ascontiguousarray(a)
+    if not active():
+        return [a]
+    dev = _backend_device()
+    n = torch.tensor([a.shape[0]], dtype=torch.long, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world())]
+    tdist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = np.zeros((max(sizes),) + a.shape[1:], dtype=a.dtype)
+    pad[: a.shape[0]] = a
+    t = torch.from_numpy(pad).to(dev)
+    out = [torch.empty_like(t) for _ in sizes]
+    tdist.all_gather(out, t)
+    return [o.cpu().numpy()[:s] for o, s in zip(out, sizes)]
+
+
+def broadcast_array(a: np.ndarray | None, src: int = 0) -> np.ndarray:
+    """Rank `src`'s array on every rank (others may pass None)."""
+    if not active():
+        return a
+    dev = _backend_device()
+    if rank() == src:
+        a = np.ascontiguousarray(a)
+        head = json.dumps({"shape": list(a.shape), "dtype": a.dtype.str}).encode()
+    else:
+        head = b""
+    head = json.loads(broadcast_bytes(head, src))
+    t = torch.from_numpy(a).to(dev) if rank() == src else torch.empty(head["shape"], dtype=torch.from_numpy(
+        np.zeros(0, dtype=np.dtype(head["dtype"]))).dtype, device=dev)
+    tdist.broadcast(t, src)
+    return t.cpu().numpy()
+
+
+def broadcast_bytes(b: bytes, src: int = 0) -> bytes:
+    if not active():
+        return b
+    dev = _backend_device()
+    n = torch.tensor([len(b)], dtype=torch.long, device=dev)
+    tdist.broadcast(n, src)
+    t = torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()).to(dev) if rank() == src else \
+        torch.empty(int(n), dtype=torch.uint8, device=dev)
+    tdist.broadcast(t, src)
+    return bytes(t.cpu().numpy().tobytes())
+
+
+def broadcast_json(obj, src: int = 0):
+    """Rank `src`'s JSON-able object on every rank."""
+    if not active():
+        return obj
+    return json.loads(broadcast_bytes(json.dumps(obj).encode() if rank() == src else b"", src))
+
+
+def digest(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(a.dtype.str.encode() + str(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def same_on_all_ranks(a: np.ndarray) -> bool:
+    """True when `a` has the same bytes on every rank (checks a digest, not the data)."""
+    if not active():
+        return True
+    d = np.frombuffer(bytes.fromhex(digest(a)), dtype=np.uint8)
+    return all(np.array_equal(d, g) for g in all_gather_array(d))
+
+
+# ---------------------------------------------------------------- indices and gathered results
+
+
+def broadcast_index(index, src: int = 0):
+    """Rank `src`'s SemanticIndex on every rank (call on all ranks after each (re-)assignment so every
+    rank trains and decodes with the same IDs). Returns the index itself on one process."""
+    from ttds.index.base import SemanticIndex
+
+    if not active():
+        return index
+    meta = broadcast_json({"level_sizes": [int(s) for s in index.level_sizes], "prefixes": list(index.prefixes),
+                           "tower": index.tower} if rank() == src else None, src)
+    codes = broadcast_array(index.codes.astype(np.int64) if rank() == src else None, src)
+    return SemanticIndex(codes, meta["level_sizes"], meta["prefixes"], meta["tower"])
+
+
+def gather_batches(pieces: list[np.ndarray], n_batches: int) -> list[np.ndarray]:
+    """Undo `shard_starts`: every rank's per-batch results back in global batch order (batch j came
+    from rank j % world, as its (j // world)-th piece). Every rank receives the full list."""
+    if not sharding():
+        return pieces
+    w = world()
+    lens = np.asarray([len(p) for p in pieces], dtype=np.int64)
+    flat = np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.int64)
+    all_lens, all_flat = all_gather_array(lens), all_gather_array(flat)
+    split = [np.split(f, np.cumsum(l)[:-1]) if len(l) else [] for l, f in zip(all_lens, all_flat)]
+    out = [split[j % w][j // w] for j in range(n_batches)]
+    return out
