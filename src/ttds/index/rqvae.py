@@ -201,17 +201,14 @@ class RQVAE(nn.Module):
             residual = residual - cb[pairwise_distance(residual, cb, self.cfg.distance).argmin(1)]
 
     @torch.no_grad()
-    def reseed_dead(self, usage: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> int:
-        """Codes with usage 0 ([M, K] counts) take the residual of a random input at that level."""
+    def reseed_dead(self, usage: torch.Tensor, residuals: list[torch.Tensor], generator: torch.Generator | None = None) -> int:
+        """Codes with usage 0 ([M, K] counts) take the level-l residual of a random recent input."""
         dead = usage == 0
-        if not dead.any():
-            return 0
-        q = self.quantize(self.embed(x))
         for level, cb in enumerate(self.codebooks):
             idx = dead[level].nonzero().squeeze(1)
             if len(idx):
-                pick = torch.randint(len(x), (len(idx),), generator=generator)
-                cb[idx] = q.residuals[level][pick].detach()
+                r = residuals[level]
+                cb[idx] = r[torch.randint(len(r), (len(idx),), generator=generator)].detach()
         return int(dead.sum())
 
 
@@ -249,7 +246,7 @@ def train_rqvae(model: RQVAE, x: torch.Tensor, cfg: RQVAEConfig | None = None, p
         history["quant"].append(qua / len(x))
         history["epochs"] = epoch + 1
         if cfg.dead_code_reseed and epoch < cfg.epochs - 1:
-            history["reseeded"] += model.reseed_dead(usage, x, g)
+            history["reseeded"] += model.reseed_dead(usage, out.quant.residuals, g)  # from the last batch
         bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", recon=f"{history['recon'][-1]:.4f}")
         if cfg.max_minutes and time.perf_counter() - start > 60 * cfg.max_minutes:
             log.info("rq-vae: stopping after %d epochs (max_minutes=%s)", epoch + 1, cfg.max_minutes)
