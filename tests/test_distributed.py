@@ -1,0 +1,206 @@
+"""Distributed training and sharded inference (ttds.dist) with 2 gloo processes on this machine.
+
+- `torchrun -m ttds train` with 2 processes = one process with the same global batch (weights after N steps),
+  and a resume of that run on ONE process equals the single-process run continued the same way;
+- sharded evaluation = single-process evaluation, exactly (every user's rank, both model kinds);
+- global-batch sharding covers every sample exactly once; the loss factors make DDP's mean the global mean;
+- an index (re-)assigned differently on each rank is identical everywhere after `broadcast_index`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = "builtin:users=120,items=60"
+# dropout off: with it, ranks draw other masks than one process (correct, but not comparable)
+SETS = ["train.batch_size=48", "model.dropout=0", "model.attn_dropout=0", "threads=1", "eval.batch_size=50"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+
+
+def _train(out: Path, epochs: int):
+    from ttds.train.commands import train_model
+
+    return train_model("sasrec", DATA, out, None, SETS + [f"train.epochs={epochs}"])[0]
+
+
+def test_ddp_training_matches_single_process_and_resumes_on_another_world_size(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = tmp_path / "two"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ttds", "train", "--model", "sasrec",
+           "--data", DATA, "--out", str(two)] + [a for s in SETS + ["train.epochs=2"] for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1 of 2, backend gloo" in r.stderr
+
+    one = tmp_path / "one"
+    single = _train(one, 2)
+    a, b = _model_tensors(one / "last.safetensors"), _model_tensors(two / "last.safetensors")
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-4, diff  # 2 epochs x 3 global batches of 48 windows: same path up to float sums
+    st = json.loads((two / "state.json").read_text())
+    assert st["step"] == 2 * 3 and st["epoch"] == 2  # global batches: the same number of steps as one process
+    assert not [p for p in two.iterdir() if p.name.endswith(".tmp")]
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["test"]["n"] == single["test"]["n"] == 120  # every user evaluated once
+    assert abs(m2["test"]["NDCG@10"] - single["test"]["NDCG@10"]) < 1e-3
+
+    # resume the 2-process run on 1 process for one more epoch = the 1-process run continued the same way
+    _train(two, 3)
+    _train(one, 3)
+    a, b = _model_tensors(one / "last.safetensors"), _model_tensors(two / "last.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert json.loads((two / "state.json").read_text())["step"] == 9
+
+
+# ---------------------------------------------------------------- spawned workers (evaluation, sharding, index)
+
+
+class _ListModel:
+    """A recommend() model whose lists depend on the user and the history only (beam-search stand-in)."""
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+
+    def recommend(self, users, history, k):
+        h = history.clamp(min=0).sum(1, keepdim=True)
+        return (users.unsqueeze(1) * 7 + h + torch.arange(k)) % self.n_items
+
+
+def _setup_models():
+    from ttds.config import load_config
+    from ttds.data.dataset import leave_one_out
+    from ttds.data.readers import load_dataset
+    from ttds.train.classic import build_model
+
+    ds = load_dataset(DATA)
+    cfg = load_config(model="sasrec", dataset=ds.name)
+    torch.manual_seed(0)
+    model = build_model(cfg, ds.n_items, ds.n_users).eval()
+    return leave_one_out(ds, 20).valid, model, _ListModel(ds.n_items)
+
+
+def _rank_index(seed: int):
+    """A (re-)assignment that depends on the rank's random stream: RQ-like codes, LC-Rec Sinkhorn re-assignment."""
+    from ttds.index.base import SemanticIndex, level_prefixes
+    from ttds.index.collisions import resolve
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (60, 3), generator=g).numpy()
+    codes = resolve(codes, "lcrec", torch.rand(60, 4, generator=g))
+    return SemanticIndex(codes, [4, 4, 4, int(codes[:, -1].max()) + 1], level_prefixes("item", 3, True), "item")
+
+
+def _worker(r: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from ttds import dist
+    from ttds.eval.evaluator import evaluate, evaluate_ranks
+
+    assert dist.init("gloo")
+    valid, model, lists = _setup_models()
+    res = {}
+    for bs in (7, 50, 1000):  # 18 batches (uneven), 3 batches (rank 1 gets one), 1 batch (rank 1 gets none)
+        res[f"scores_{bs}"] = evaluate_ranks(model, valid, bs, progress=False)
+        res[f"lists_{bs}"] = evaluate_ranks(lists, valid, bs, k=10, progress=False)
+    m = evaluate(model, valid, 7, progress=False)
+    res["metrics"] = np.asarray([m[k] for k in sorted(m) if k != "eval_seconds"])
+
+    batches = [np.arange(s, min(s + 5, 23)) for s in range(0, 23, 5)] + [np.asarray([30])]
+    counts = np.arange(40) % 4 + 1
+    parts = [dist.shard(b, counts) for b in batches]
+    res["parts"] = np.concatenate([p for p, f in parts if f > 0])
+    res["factors"] = np.asarray([f for _, f in parts])
+
+    idx = _rank_index(100 + r)  # diverges between ranks, as an unsynchronised re-assignment would
+    res["before_same"] = np.asarray([dist.same_on_all_ranks(idx.codes)])
+    res["own_codes"] = idx.codes
+    synced = dist.broadcast_index(idx)
+    res["after_same"] = np.asarray([dist.same_on_all_ranks(synced.codes)])
+    res["codes"] = synced.codes
+    res["level_sizes"] = np.asarray(synced.level_sizes)
+    res["prefixes"] = np.asarray(synced.prefixes)
+    res["loss"] = np.asarray([dist.mean(float(r + 1))])
+    np.savez(Path(out) / f"rank{r}.npz", **res)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    return [dict(np.load(out / f"rank{r}.npz", allow_pickle=False)) for r in range(2)]
+
+
+def test_sharded_evaluation_equals_single_process_exactly(spawned):
+    from ttds.eval.evaluator import evaluate, evaluate_ranks
+
+    valid, model, lists = _setup_models()
+    for bs in (7, 50, 1000):
+        ref_s = evaluate_ranks(model, valid, bs, progress=False)
+        ref_l = evaluate_ranks(lists, valid, bs, k=10, progress=False)
+        for res in spawned:  # every rank holds every user's rank, in order, bit for bit
+            assert np.array_equal(res[f"scores_{bs}"], ref_s)
+            assert np.array_equal(res[f"lists_{bs}"], ref_l)
+    assert len(ref_s) == len(valid) and (ref_l < 10).any() and (ref_s > 0).any()
+    m = evaluate(model, valid, 7, progress=False)
+    ref = np.asarray([m[k] for k in sorted(m) if k != "eval_seconds"])
+    for res in spawned:
+        assert np.array_equal(res["metrics"], ref)
+
+
+def test_global_batch_sharding_covers_every_sample_once(spawned):
+    parts = np.concatenate([spawned[0]["parts"], spawned[1]["parts"]])
+    assert sorted(parts.tolist()) == list(range(23)) + [30]  # nothing lost, nothing twice
+    counts = np.arange(40) % 4 + 1
+    # factor_r = 2 * terms(part_r) / terms(batch): the mean over ranks of factor_r x (mean of part_r) is the
+    # batch mean; the rank with an empty part (batch [30] has one sample) gets factor 0
+    f = spawned[0]["factors"] + spawned[1]["factors"]
+    assert np.allclose(f, 2.0)
+    assert spawned[1]["factors"][-1] == 0.0
+    b0 = np.arange(0, 5)
+    assert np.isclose(spawned[0]["factors"][0], 2 * counts[b0[:3]].sum() / counts[b0].sum())
+    assert spawned[0]["loss"][0] == spawned[1]["loss"][0] == 1.5
+
+
+def test_index_reassignment_is_identical_on_every_rank(spawned):
+    r0, r1 = spawned
+    assert not r0["before_same"][0] and not np.array_equal(r0["own_codes"], r1["own_codes"])
+    assert r0["after_same"][0] and r1["after_same"][0]
+    assert np.array_equal(r0["codes"], r1["codes"]) and np.array_equal(r0["codes"], r0["own_codes"])
+    assert np.array_equal(r0["level_sizes"], r1["level_sizes"]) and list(r1["prefixes"]) == ["a", "b", "c", "p"]
+    assert len(np.unique(r1["codes"], axis=0)) == 60  # still a unique index
+
+
+def test_one_process_is_unchanged(tmp_path):
+    """Without torchrun every helper is the identity: one process trains and evaluates as before."""
+    from ttds import dist
+
+    assert not dist.active() and dist.world() == 1 and dist.is_main()
+    b = np.arange(5)
+    part, f = dist.shard(b, np.ones(5))
+    assert part is not None and np.array_equal(part, b) and f == 1.0
+    assert dist.shard_starts(10, 4) == [0, 4, 8]
+    net = dist.wrap(torch.nn.Linear(2, 2), {})
+    assert isinstance(net, dist.Method)
