@@ -11,7 +11,15 @@ from ttds.models.generative import GenerativeRecommender
 from ttds.tasks.builders import TaskConfig, TaskData, build_epoch, windows
 from ttds.tasks import templates
 from ttds.train.engine import collate
-from ttds.train.generative import random_index
+
+
+def random_index(n, levels, codebook, tower, seed):
+    from ttds.index.build import IndexConfig, build
+    from ttds.data.dataset import RecDataset
+
+    fake = RecDataset("x", [np.zeros(3, np.int64)] * n, {}, [str(i) for i in range(n)], [str(i) for i in range(n)])
+    return build(fake, "user" if tower == "user" else "item", None,
+                 IndexConfig(kind="random", levels=levels, codebook_size=codebook, seed=seed), progress=False).index
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +91,8 @@ def test_tiny_model_overfits_to_hr1(bb_dir):
 
 
 def _cfg(bb_dir, extra=()):
-    over = [f"backbone.name_or_path={bb_dir}", "index.source=random", "index.user_source=random", "index.levels=2",
-            "index.codebook=8", "train.batch_size=8", "train.warmup_steps=2", "train.valid_users=20", "train.lr=0.001",
+    over = [f"backbone.name_or_path={bb_dir}", "index.source=random", "index.user_source=random", "index.options.levels=2",
+            "index.options.codebook_size=8", "train.batch_size=8", "train.warmup_steps=2", "train.valid_users=20", "train.lr=0.001",
             "eval.template_mean_users=10", "eval.beam=10", "threads=1", *extra]
     cfg = load_config(model="ttss", overrides=over)
     cfg["name"] = "ttss"
@@ -111,8 +119,8 @@ def test_resume_gives_same_next_step_loss(bb_dir, tmp_path):
 def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path):
     from ttds.train.commands import eval_model, train_model
 
-    sets = [f"backbone.name_or_path={bb_dir}", "index.source=random", "index.user_source=random", "index.levels=2",
-            "index.codebook=8", "train.batch_size=8", "train.valid_users=20", "eval.template_mean_users=10",
+    sets = [f"backbone.name_or_path={bb_dir}", "index.source=random", "index.user_source=random", "index.options.levels=2",
+            "index.options.codebook_size=8", "train.batch_size=8", "train.valid_users=20", "eval.template_mean_users=10",
             "eval.beam=10", "threads=1", "train.epochs=1", "tasks.review=0.2", "tasks.userpred=0.2"]
     metrics, out = train_model("ttss", "builtin:users=40,items=30,seed=2", tmp_path / "run", overrides=sets)
     for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):

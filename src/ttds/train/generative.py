@@ -27,7 +27,7 @@ from ttds.config import section
 from ttds.data.dataset import EvalSet, RecDataset, leave_one_out
 from ttds.errors import TTDSError
 from ttds.eval.evaluator import evaluate
-from ttds.index.base import SemanticIndex, level_prefixes
+from ttds.index.base import SemanticIndex
 from ttds.io import load_safetensors, read_json, save_safetensors, write_json
 from ttds.models.generative import GenerativeRecommender
 from ttds.runtime import machine_info, peak_rss_mb, start_run
@@ -71,66 +71,36 @@ class GenEvalConfig:
     beam_batch: int = 32  # users per beam-search forward (x beam sequences)
     template: int = 0  # the fixed template of the reported numbers
     template_mean_users: int = 2000  # test users for the mean over all templates (0 = all, -1 = skip)
+    final_valid: bool = True  # also evaluate the best model on every validation user at the end
 
 
 @dataclass
-class IndexConfig:
-    source: str = "rqvae"  # given (the dataset's LC-Rec index) | rqvae | random
+class RecIndexConfig:
+    source: str = "rqvae"  # given (the dataset's LC-Rec index) | rqvae | lsh | random
     user: bool = True  # user tower (twin-tower IDs in prompts, user prediction task)
-    user_source: str = "rqvae"  # rqvae | random
-    levels: int = 3  # random index: levels before disambiguation
-    codebook: int = 256  # random index: codes per level
-    options: dict = field(default_factory=dict)  # passed to the index builder (rqvae)
+    user_source: str = "rqvae"  # rqvae | lsh | random
+    options: dict = field(default_factory=dict)  # the index builder's settings (ttds.index.build.IndexConfig)
 
 
 # ---------------------------------------------------------------- indices
 
 
-def random_index(n: int, levels: int, codebook: int, tower: str, seed: int) -> SemanticIndex:
-    """Uniform random codes + a disambiguation level (the paper's TT-SR ablation; tests)."""
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, codebook, (n, levels))
-    _, inv = np.unique(codes, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
-    order = np.argsort(inv, kind="stable")
-    rank = np.empty(n, dtype=np.int64)
-    starts = np.r_[0, np.flatnonzero(np.diff(inv[order])) + 1]
-    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    codes = np.concatenate([codes, rank[:, None]], 1)
-    return SemanticIndex(codes, [codebook] * levels + [int(rank.max()) + 1], level_prefixes(tower, levels, True), tower)
+def tower_index(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path) -> SemanticIndex:
+    """One tower's static index from the index layer (`index.options` are its settings)."""
+    import copy
+
+    from ttds.index.build import build_index, given_index
+
+    if kind == "given":
+        return given_index(ds, tower)
+    cfg = copy.deepcopy(cfg)
+    cfg["index"].setdefault("options", {})["kind"] = kind
+    return build_index(cfg, ds, None if kind == "random" else backbone, tower, out)
 
 
-def _rqvae_index(cfg: dict, ds: RecDataset, backbone, tower: str, out: Path) -> SemanticIndex:
-    try:
-        from ttds.index.build import build_index  # owned by the index layer
-    except ImportError:
-        raise TTDSError("config index.source=rqvae: the RQ-VAE index builder (ttds.index.build) is not available; "
-                        "use index.source=given or random") from None
-    return build_index(cfg, ds, backbone, tower, out)
-
-
-def build_indices(cfg: dict, ic: IndexConfig, ds: RecDataset, backbone, out: Path) -> tuple[SemanticIndex, SemanticIndex | None]:
-    seed = int(cfg.get("seed", 0))
-    if ic.source == "given":
-        if not ds.index:
-            raise TTDSError(f"config index.source=given: dataset {ds.name} ships no index (NAME.index.json)")
-        items = SemanticIndex.from_tokens({str(k): v for k, v in ds.index.items()}, "item", f"{ds.name}.index.json")
-    elif ic.source == "random":
-        items = random_index(ds.n_items, ic.levels, ic.codebook, "item", seed)
-    elif ic.source == "rqvae":
-        items = _rqvae_index(cfg, ds, backbone, "item", out)
-    else:
-        raise TTDSError(f"config index.source={ic.source!r}: expected given, rqvae or random")
-    if items.n != ds.n_items:
-        raise TTDSError(f"item index: {items.n} items, dataset {ds.name} has {ds.n_items}")
-    users = None
-    if ic.user:
-        if ic.user_source == "random":
-            users = random_index(ds.n_users, ic.levels, ic.codebook, "user", seed + 1)
-        elif ic.user_source == "rqvae":
-            users = _rqvae_index(cfg, ds, backbone, "user", out)
-        else:
-            raise TTDSError(f"config index.user_source={ic.user_source!r}: expected rqvae or random")
+def build_indices(cfg: dict, ic: RecIndexConfig, ds: RecDataset, backbone, out: Path) -> tuple[SemanticIndex, SemanticIndex | None]:
+    items = tower_index(cfg, ds, backbone, "item", ic.source, out)
+    users = tower_index(cfg, ds, backbone, "user", ic.user_source, out) if ic.user else None
     return items, users
 
 
@@ -232,7 +202,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     device = start_run(cfg, out)
     tc = section(cfg, "train", GenTrainConfig)
     ec = section(cfg, "eval", GenEvalConfig)
-    ic = section(cfg, "index", IndexConfig)
+    ic = section(cfg, "index", RecIndexConfig)
     task_cfg = section(cfg, "tasks", TaskConfig)
     seed = int(cfg.get("seed", 0))
     ks = tuple(ec.ks)
@@ -375,7 +345,8 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     t = time.perf_counter()
     test = evaluate(best, split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test")
     test_seconds = time.perf_counter() - t
-    valid_full = evaluate(best, split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid")
+    valid_full = evaluate(best, split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid") if ec.final_valid else \
+        next(({**h["valid"], "n": len(valid)} for h in state["history"] if h["step"] == state["best_step"]), {})
     metrics = {
         "model": cfg.get("name") or "generative",
         "dataset": ds.name,
