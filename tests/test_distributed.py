@@ -97,7 +97,7 @@ def _setup_models():
     cfg = load_config(model="sasrec", dataset=ds.name)
     torch.manual_seed(0)
     model = build_model(cfg, ds.n_items, ds.n_users).eval()
-    return leave_one_out(ds, 20).valid, model, _ListModel(ds.n_items)
+    return leave_one_out(ds, 20).valid, model, _ListModel(ds.n_items), ds
 
 
 def _rank_index(seed: int):
@@ -119,7 +119,7 @@ def _worker(r: int, port: int, out: str) -> None:
     from ttds.eval.evaluator import evaluate, evaluate_ranks
 
     assert dist.init("gloo")
-    valid, model, lists = _setup_models()
+    valid, model, lists, ds = _setup_models()
     res = {}
     for bs in (7, 50, 1000):  # 18 batches (uneven), 3 batches (rank 1 gets one), 1 batch (rank 1 gets none)
         res[f"scores_{bs}"] = evaluate_ranks(model, valid, bs, progress=False)
@@ -142,8 +142,22 @@ def _worker(r: int, port: int, out: str) -> None:
     res["level_sizes"] = np.asarray(synced.level_sizes)
     res["prefixes"] = np.asarray(synced.prefixes)
     res["loss"] = np.asarray([dist.mean(float(r + 1))])
+    res["written"] = np.asarray([_precompute(model, ds, out + "/dist.db")["written"]])
+    res["out"] = np.asarray(out)
     np.savez(Path(out) / f"rank{r}.npz", **res)
     torch.distributed.destroy_process_group()
+
+
+def _precompute(model, ds, path: str) -> dict:
+    from ttds.serve.engine import RecommenderEngine
+    from ttds.serve.precompute import precompute
+    from ttds.serve.store import open_store
+
+    st = open_store(f"sqlite:///{path}")  # every rank opens the store, as `ttds precompute` does
+    try:  # 120 users in rounds of 2 x 16: the last round leaves rank 1 with 12 users
+        return precompute(RecommenderEngine(model, ds, "dist-test", max_history=20), st, k=10, batch_size=16, progress=False)
+    finally:
+        st.close()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +170,7 @@ def spawned(tmp_path_factory):
 def test_sharded_evaluation_equals_single_process_exactly(spawned):
     from ttds.eval.evaluator import evaluate, evaluate_ranks
 
-    valid, model, lists = _setup_models()
+    valid, model, lists, ds = _setup_models()
     for bs in (7, 50, 1000):
         ref_s = evaluate_ranks(model, valid, bs, progress=False)
         ref_l = evaluate_ranks(lists, valid, bs, k=10, progress=False)
@@ -204,3 +218,22 @@ def test_one_process_is_unchanged(tmp_path):
     assert dist.shard_starts(10, 4) == [0, 4, 8]
     net = dist.wrap(torch.nn.Linear(2, 2), {})
     assert isinstance(net, dist.Method)
+
+
+def test_sharded_precompute_fills_one_store_like_one_process(spawned, tmp_path):
+    from ttds.serve.store import open_store
+
+    _, model, _, ds = _setup_models()
+    one = _precompute(model, ds, str(tmp_path / "one.db"))
+    assert spawned[0]["written"][0] == spawned[1]["written"][0] == 120  # every rank counts the gathered rounds
+    dist_store = open_store(f"sqlite:///{Path(spawned[0]['out'].item()) / 'dist.db'}")
+    one_store = open_store(f"sqlite:///{tmp_path / 'one.db'}")
+    try:
+        assert dist_store.active() == one_store.active() == one["tag"]  # published, same version tag
+        assert dist_store.count(one["tag"]) == 120
+        for u in range(120):
+            a, b = dist_store.get(u), one_store.get(u)
+            assert a.items == b.items and np.allclose(a.scores, b.scores, atol=1e-5)
+    finally:
+        dist_store.close()
+        one_store.close()

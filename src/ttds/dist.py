@@ -370,3 +370,31 @@ def gather_batches(pieces: list[np.ndarray], n_batches: int) -> list[np.ndarray]
     split = [np.split(f, np.cumsum(l)[:-1]) if len(l) else [] for l, f in zip(all_lens, all_flat)]
     out = [split[j % w][j // w] for j in range(n_batches)]
     return out
+
+
+def gather_recs(users: list[int], recs: list[list[tuple]], k: int) -> tuple[list[int], list[list[tuple]]]:
+    """Every rank's (user, ranked list of (item, score or None)) pairs, concatenated in rank order.
+    Lists may be shorter than `k`; a None score travels as NaN."""
+    if not active():
+        return users, recs
+    n = len(users)
+    items, scores = np.full((n, k), -1, dtype=np.int64), np.full((n, k), np.nan)
+    lengths, has_score = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for r, lst in enumerate(recs):
+        lengths[r] = len(lst)
+        has_score[r] = int(any(s is not None for _, s in lst))
+        for j, (i, s) in enumerate(lst[:k]):
+            items[r, j], scores[r, j] = i, np.nan if s is None else s
+    g = [np.concatenate(all_gather_array(a)) for a in (np.asarray(users, dtype=np.int64), items, scores, lengths, has_score)]
+    out = [[(int(i), float(s) if h else None) for i, s in zip(g[1][r, :m], g[2][r, :m])]
+           for r, (m, h) in enumerate(zip(g[3], g[4]))]
+    return [int(u) for u in g[0]], out
+
+
+def sync_model_index(model) -> None:
+    """After a (dynamic) re-assignment: rank 0's item and user indices on every rank, via
+    `model.set_index(items, users)`. A no-op on one process."""
+    if not active():
+        return
+    users = getattr(model, "user_index", None)
+    model.set_index(broadcast_index(model.item_index), broadcast_index(users) if users is not None else None)

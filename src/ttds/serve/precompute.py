@@ -4,6 +4,7 @@ The version tag is a hash of (model version, dataset content, K, seen-item rule)
 an interruption re-opens the same unfinished version, skips the users already written and carries on;
 each batch is written in one transaction, so a user is either fully written or not at all.
 Only when every user is present is the version published (readers switch over in one step).
+Under torchrun every rank computes a slice of each round of users; rank 0 gathers them and is the only writer.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from ttds import dist
 from ttds.serve.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -32,29 +34,37 @@ def precompute(engine, store: Store, k: int = 50, batch_size: int = 256, progres
 
     `on_batch(n_done)` is called after each committed batch (tests use it to interrupt a run).
     """
+    dist.init(device=str(getattr(engine, "device", "cpu")))  # joins the torchrun group, if any
     tag = version_tag(engine, k)
-    info = store.begin(tag, engine.model_version, k, engine.n_users)
-    done = store.done_users(tag)
+    info = store.begin(tag, engine.model_version, k, engine.n_users) if dist.is_main() else None
+    done = set(dist.broadcast_json(sorted(store.done_users(tag)) if dist.is_main() else None))
     todo = [u for u in range(engine.n_users) if u not in done]
     log.info("precompute %s -> %s version %s: %d users, %d already written", engine.model_version, store.url, tag, engine.n_users, len(done))
     t0, written = time.perf_counter(), 0
-    with tqdm(total=engine.n_users, initial=len(done), unit="user", desc="precompute", disable=not progress) as bar:
-        for s in range(0, len(todo), batch_size):
-            users = todo[s:s + batch_size]
-            recs = engine.recommend_histories([engine.user_history(u) for u in users], k, None, users)
+    step = batch_size * dist.world()  # one round: batch_size users per rank
+    with tqdm(total=engine.n_users, initial=len(done), unit="user", desc="precompute", disable=not progress or not dist.is_main()) as bar:
+        for s in range(0, len(todo), step):
+            part, live = dist.shard(todo[s:s + step])
+            users = [int(u) for u in part] if live else []
+            recs = engine.recommend_histories([engine.user_history(u) for u in users], k, None, users) if users else []
+            users, recs = dist.gather_recs(users, recs, k)  # rank 0 receives every rank's users, in order
             now = time.time()
-            store.put_many(tag, [
-                Entry(u, [i for i, _ in r], [sc for _, sc in r], engine.model_version, now, k) for u, r in zip(users, recs)
-            ])
+            if dist.is_main():
+                store.put_many(tag, [
+                    Entry(u, [i for i, _ in r], [sc for _, sc in r], engine.model_version, now, k) for u, r in zip(users, recs)
+                ])
             written += len(users)
             bar.update(len(users))
             if on_batch:
                 on_batch(len(done) + written)
     seconds = time.perf_counter() - t0
-    have = store.count(tag)
-    if have != engine.n_users:
-        raise RuntimeError(f"precompute: version {tag} holds {have} users, expected {engine.n_users}")
-    if info.state != "published" or store.active() != tag:
-        store.publish(tag)
+    have = engine.n_users
+    if dist.is_main():  # the only writer checks and publishes; the other ranks wait for it
+        have = store.count(tag)
+        if have != engine.n_users:
+            raise RuntimeError(f"precompute: version {tag} holds {have} users, expected {engine.n_users}")
+        if info.state != "published" or store.active() != tag:
+            store.publish(tag)
+    dist.barrier()
     log.info("published %s (%d users, %.1f s, %.1f users/s)", tag, have, seconds, written / seconds if seconds else 0)
     return {"tag": tag, "users": have, "written": written, "seconds": seconds, "users_per_s": written / seconds if seconds > 0 else 0.0}
