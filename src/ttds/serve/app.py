@@ -218,7 +218,8 @@ def create_app(engine, store=None, max_body_bytes: int = 64 * 1024, max_batch: i
             raise ApiError(422, f"k={k}: at most {engine.n_items} (the number of items)", "k")
 
     def items_out(recs) -> list[dict]:
-        return [{"item_id": i, "score": s, "title": engine.item_fields(i)["title"]} for i, s in recs]
+        titles = engine.item_titles([i for i, _ in recs])
+        return [{"item_id": i, "score": s, "title": t} for (i, s), t in zip(recs, titles)]
 
     @app.get("/v1/users/{user_id}/recommendations", response_model=Recommendations, responses=ERRORS)
     async def user_recommendations(user_id: int = Path(..., description="Dataset user id (0..n_users-1)"), k: int = Query(10, ge=1, le=MAX_K)):

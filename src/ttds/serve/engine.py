@@ -56,6 +56,8 @@ class ServingEngine(Protocol):
 
     def item_fields(self, item: int) -> dict[str, str]: ...
 
+    def item_titles(self, items: list[int]) -> list[str]: ...
+
 
 def model_version(model_dir: str | Path) -> str:
     """`<folder name>-<12 hex>`: a content hash of every file in the model folder (names and bytes)."""
@@ -124,6 +126,10 @@ class RecommenderEngine:
     def item_fields(self, item: int) -> dict[str, str]:
         with self._lock:
             return {f: v[item] for f, v in self._fields.items()}
+
+    def item_titles(self, items: list[int]) -> list[str]:
+        titles = self._fields["title"]  # append-only: reading without the lock is safe
+        return [titles[i] for i in items]
 
     def item_tokens(self, item: int) -> list[str]:
         index = getattr(self.model, "index", None) or getattr(self.model, "item_index", None)

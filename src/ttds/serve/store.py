@@ -48,7 +48,7 @@ class Entry:
     @classmethod
     def from_json(cls, user: int, text: str | bytes) -> "Entry":
         d = json.loads(text)
-        return cls(user, d["i"], d["s"], d["m"], d["t"], d["k"])
+        return cls(user, d["i"], d["s"], d["m"], d["t"], d.get("k") or len(d["i"]))
 
 
 @dataclass
