@@ -136,3 +136,13 @@ def test_cli_train_eval_bench(tmp_path, capsys):
     j = json.loads((res / "classic-builtin.json").read_text())
     assert [r["label"] for r in j["rows"]] == ["HGN"] and "peak_rss_mb" in j["rows"][0]
     assert "| HGN |" in (res / "classic-builtin.md").read_text()
+
+
+def test_stop_file_ends_the_run_gracefully(tmp_path, tiny):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "STOP").touch()
+    cfg = load_config(model="hgn", overrides=["threads=1", "train.epochs=50"])
+    m = classic.train(cfg, tiny, out)
+    assert m["epochs"] == 1 and m["stopped"] == "budget" and "NDCG@10" in m["test"]
+    assert m["valid"]["NDCG@10"] == pytest.approx(json.loads((out / "state.json").read_text())["best"])

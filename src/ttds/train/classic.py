@@ -9,6 +9,8 @@ Recipe interface (see `ttds.recipes`): `train(cfg, ds, out_dir) -> metrics` and 
 - Files in out_dir: model.safetensors (best weights) + model.json, last.safetensors (weights,
   optimizer state and the trainer state in its metadata, one atomic file), state.json (readable
   copy), metrics.json (valid + test of the best model, timings, peak RSS, machine).
+- Stop early: create out_dir/STOP; the run validates, checkpoints and tests as if out of time
+  (delete STOP before resuming).
 - Resume: running the same command again continues from last.safetensors. Every epoch reseeds
   torch/numpy with seed + epoch, so an interrupted-and-resumed run follows the same path.
 """
@@ -225,7 +227,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         if epoch >= tc.epochs:
             state["done"], state["stopped"] = True, state["stopped"] or "epochs"
             break
-        if state["train_seconds"] >= budget:
+        if state["train_seconds"] >= budget or (epoch > 0 and (out / "STOP").exists()):
             state["done"], state["stopped"] = True, "budget"
             break
         seed = int(cfg.get("seed", 0)) + epoch
@@ -248,7 +250,10 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
             total, count = total + loss.item(), count + 1
             if count % 20 == 0:
                 bar.set_postfix(loss=f"{total / count:.4f}")
-            if budget < math.inf and dist.any_rank(state["train_seconds"] + time.perf_counter() - t0 >= budget):
+            # out of time, or asked to stop (out_dir/STOP, looked at every 20 batches): validate, checkpoint, test
+            stop = (budget < math.inf and state["train_seconds"] + time.perf_counter() - t0 >= budget) or (
+                count % 20 == 0 and (out / "STOP").exists())
+            if (budget < math.inf or count % 20 == 0) and dist.any_rank(stop):
                 over_budget = True
                 break
         bar.close()
@@ -262,7 +267,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         if (epoch + 1) % tc.eval_every == 0 or over_budget or epoch + 1 >= tc.epochs:
             val = evaluate(model, split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid")
             state["valid_seconds"] += val["eval_seconds"]
-            entry["valid"] = {k: round(v, 5) for k, v in val.items() if k not in ("n", "eval_seconds")}
+            entry["valid"] = {k: v for k, v in val.items() if k != "eval_seconds"}
             score = val["NDCG@10"]
             if score > state["best"]:
                 state["best"], state["best_epoch"], state["bad"] = score, epoch + 1, 0
@@ -286,13 +291,14 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     dist.barrier()  # model.safetensors is written
     best = load(out, device)
     test = evaluate(best, split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test")
-    valid = evaluate(best, split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid")
+    # validation metrics of the best model, as measured when it was chosen (evaluation is deterministic)
+    valid = next(h["valid"] for h in state["history"] if h["epoch"] == state["best_epoch"] and "valid" in h)
     secs = state["epoch_seconds"]
     metrics = {
         "model": cfg.get("name") or cfg["model"]["arch"],
         "dataset": ds.name,
         "test": {k: v for k, v in test.items() if k != "eval_seconds"},
-        "valid": {k: v for k, v in valid.items() if k != "eval_seconds"},
+        "valid": valid,
         "best_epoch": state["best_epoch"],
         "epochs": state["epoch"],
         "stopped": state["stopped"],
