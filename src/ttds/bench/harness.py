@@ -66,8 +66,9 @@ def format_markdown(result: dict) -> str:
         t = r["test"]
         lines.append(
             f"| {r['label']} | " + " | ".join(f"{t[c]:.4f}" for c in COLUMNS)
-            + f" | {r['best_epoch']} | {r['epochs']} ({r['stopped']}) | {r['train_seconds']:.0f} | "
-            f"{r['seconds_per_epoch']} | {r.get('cpu_seconds_per_epoch') or '-'} | {r['eval_seconds']} | "
+            + f" | {r.get('best_epoch', '-')} | {r['epochs']} ({r['stopped']}) | {r['train_seconds']:.0f} | "
+            f"{r.get('seconds_per_epoch', '-')} | {r.get('cpu_seconds_per_epoch') or '-'} | "
+            f"{r.get('eval_seconds', r.get('test_eval_seconds', '-'))} ({r.get('eval_cpu_seconds', '-')} CPU) | "
             f"{r['peak_rss_mb']:.0f} |"
         )
     ref = REFERENCE.get(result["dataset"], {})

@@ -267,7 +267,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         if (epoch + 1) % tc.eval_every == 0 or over_budget or epoch + 1 >= tc.epochs:
             val = evaluate(model, split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid")
             state["valid_seconds"] += val["eval_seconds"]
-            entry["valid"] = {k: v for k, v in val.items() if k != "eval_seconds"}
+            entry["valid"] = {k: v for k, v in val.items() if k not in ("eval_seconds", "eval_cpu_seconds")}
             score = val["NDCG@10"]
             if score > state["best"]:
                 state["best"], state["best_epoch"], state["bad"] = score, epoch + 1, 0
@@ -297,7 +297,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     metrics = {
         "model": cfg.get("name") or cfg["model"]["arch"],
         "dataset": ds.name,
-        "test": {k: v for k, v in test.items() if k != "eval_seconds"},
+        "test": {k: v for k, v in test.items() if k not in ("eval_seconds", "eval_cpu_seconds")},
         "valid": valid,
         "best_epoch": state["best_epoch"],
         "epochs": state["epoch"],
@@ -307,6 +307,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         "cpu_seconds_per_epoch": round(float(np.mean(state["epoch_cpu_seconds"])), 2)
         if state.get("epoch_cpu_seconds") else None,
         "eval_seconds": test["eval_seconds"],
+        "eval_cpu_seconds": test["eval_cpu_seconds"],
         "n_params": n_params,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "machine": machine_info(),
