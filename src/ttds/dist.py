@@ -52,7 +52,7 @@ class DistConfig:
     backend: str = "auto"  # auto (nccl when the device is CUDA, else gloo) | gloo | nccl
     strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded)
     timeout_minutes: float = 30.0
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool | None = None  # None: the recipe's default (DDP must know if some weights get no gradient)
 
 
 # ---------------------------------------------------------------- process group
@@ -167,8 +167,8 @@ def shard(batch: np.ndarray | list, counts: np.ndarray | None = None) -> tuple[n
         return batch[:1], 0.0
     if counts is None:
         return part, w * len(part) / len(batch)
-    total = float(np.sum(counts[batch]))
-    return part, (w * float(np.sum(counts[part])) / total) if total else 0.0
+    total = float(sum(counts[int(i)] for i in batch))  # counts: an array or a dict by sample
+    return part, (w * float(sum(counts[int(i)] for i in part)) / total) if total else 0.0
 
 
 _UNSHARDED = False
@@ -210,9 +210,10 @@ class Method(nn.Module):
         return getattr(self.model, self.method)(*args, **kwargs)
 
 
-def wrap(model: nn.Module, cfg: dict, method: str = "loss") -> nn.Module:
+def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = False) -> nn.Module:
     """A module whose call runs `model.<method>`: DDP (or FSDP2) over it in a process group, the plain
-    wrapper otherwise. Keep using `model` itself for state_dict, evaluation and checkpoints."""
+    wrapper otherwise. Keep using `model` itself for state_dict, evaluation and checkpoints.
+    `find_unused`: the recipe's default for DDP's find_unused_parameters (config dist.find_unused_parameters wins)."""
     from ttds.config import section
 
     dc = section(cfg, "dist", DistConfig)
@@ -228,7 +229,8 @@ def wrap(model: nn.Module, cfg: dict, method: str = "loss") -> nn.Module:
         return fully_shard(net)
     dev = next(model.parameters()).device
     ids = [dev.index] if dev.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=dc.find_unused_parameters)
+    unused = find_unused if dc.find_unused_parameters is None else bool(dc.find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
 
 
 def no_sync(net: nn.Module, sync: bool):

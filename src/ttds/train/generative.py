@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ttds import dist
 from ttds.config import section
 from ttds.data.dataset import EvalSet, RecDataset, leave_one_out
 from ttds.errors import TTDSError
@@ -59,6 +60,7 @@ class GenTrainConfig:
     max_minutes: float = 0.0  # training wall-clock budget (0 = none)
     max_steps: int = 0  # stop after this many optimizer steps (0 = none)
     log_steps: int = 20
+    precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: CPUs without bf16 units run it ~100x slower)
     freeze_word_embeddings: bool = True  # the pretrained word table (half of MiniLM) stays fixed: faster steps
 
 
@@ -172,6 +174,8 @@ def save_checkpoint(out: Path, model, opt, state: dict) -> None:
     """One atomic file: weights + optimizer + torch RNG, trainer state in its metadata."""
     import json
 
+    if not dist.is_main():  # under torchrun rank 0 writes (every rank holds the same weights)
+        return
     otensors, ometa = _optim_tensors(opt)
     tensors = {f"model.{k}": v for k, v in weights(model).items()}
     tensors.update(otensors)
@@ -199,7 +203,7 @@ def load_checkpoint(out: Path, model, opt) -> dict:
 
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     out = Path(out_dir)
-    device = start_run(cfg, out)
+    device = dist.setup(cfg, start_run(cfg, out))  # under torchrun: join the group, this rank's device
     tc = section(cfg, "train", GenTrainConfig)
     ec = section(cfg, "eval", GenEvalConfig)
     ic = section(cfg, "index", RecIndexConfig)
@@ -213,19 +217,22 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     max_hist = int(cfg["data"]["max_history"])
     split = leave_one_out(ds, max_hist)
     backbone = _backbone(cfg, device)
-    if (out / "index.item.json").is_file():  # resuming: the index of the run, not a rebuilt one
-        items = SemanticIndex.load(out / "index.item.json", "item")
-        users = SemanticIndex.load(out / "index.user.json", "user") if (out / "index.user.json").is_file() else None
-    else:
-        items, users = build_indices(cfg, ic, ds, backbone, out)
-        items.save(out / "index.item.json")
-        if users is not None:
-            users.save(out / "index.user.json")
-    backbone.tokenizer.save_pretrained(str(out / "tokenizer"))
+    with dist.main_first():  # under torchrun rank 0 builds and saves the index, the others load it
+        if (out / "index.item.json").is_file():  # resuming: the index of the run, not a rebuilt one
+            items = SemanticIndex.load(out / "index.item.json", "item")
+            users = SemanticIndex.load(out / "index.user.json", "user") if (out / "index.user.json").is_file() else None
+        else:
+            items, users = build_indices(cfg, ic, ds, backbone, out)
+            items.save(out / "index.item.json")
+            if users is not None:
+                users.save(out / "index.user.json")
+        if dist.is_main():
+            backbone.tokenizer.save_pretrained(str(out / "tokenizer"))
     model = build_model(cfg, backbone, items, users).to(device)
     if tc.freeze_word_embeddings:
         model.word_embeddings().requires_grad_(False)
     opt = _optimizer(model, tc)
+    net = dist.wrap(model, cfg, find_unused=True)  # net(...) = model.loss(...), through DDP under torchrun
     data = TaskData(ds, split.train, model.codec, max_hist)
     valid = _sample(split.valid, tc.valid_users, seed)
 
@@ -247,6 +254,10 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
              "dense matmul peak %.1f GFLOP/s", ds.name, items.n, items.n_levels,
              f"{users.n_levels}-level IDs" if users is not None else "off", n_trainable / 1e6, total_steps, peak / 1e9)
     budget = tc.max_minutes * 60 if tc.max_minutes else math.inf
+    if tc.precision not in ("fp32", "bf16"):
+        raise TTDSError(f"config train.precision={tc.precision!r}: expected fp32 or bf16")
+    if tc.precision == "bf16" and device.type == "cpu":
+        log.warning("train.precision=bf16 on a CPU: only useful with bf16 hardware (see NOTES: <1 GFLOP/s here)")
 
     def validate() -> None:
         t = time.perf_counter()
@@ -256,7 +267,9 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         improved = score > state["best"]
         if improved:
             state["best"], state["best_step"], state["bad"] = score, state["step"], 0
-            save_safetensors(out / "model.safetensors", weights(model))
+            if dist.is_main():
+                save_safetensors(out / "model.safetensors", weights(model))
+            dist.barrier()  # every rank sees the file before it checks for it
         else:
             state["bad"] += 1
         state["history"].append({"step": state["step"], "epoch": state["epoch"], "train_seconds": round(state["train_seconds"], 1),
@@ -283,22 +296,27 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
                      len(batches), mean_len, flops_tok / 1e6)
         steps_in_epoch = math.ceil(len(batches) / tc.grad_accum)
         model.train()
-        bar = tqdm(total=steps_in_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}", unit="step", leave=False)
+        bar = tqdm(total=steps_in_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}", unit="step", leave=False,
+                   disable=not dist.is_main())
         t_win, tok_win, loss_win, n_win = time.perf_counter(), 0, 0.0, 0
         while state["step_in_epoch"] < steps_in_epoch and not state["done"]:
             t0 = time.perf_counter()
             first = state["step_in_epoch"] * tc.grad_accum
             group = batches[first:first + tc.grad_accum]
-            n_tgt = [int((torch.as_tensor(examples[i].target[1:])).sum()) for b in group for i in b]
-            total_tgt = max(1, sum(n_tgt))
+            n_tgt = {i: int((torch.as_tensor(examples[i].target[1:])).sum()) for b in group for i in b}
+            total_tgt = max(1, sum(n_tgt.values()))
             loss_sum, tokens = 0.0, 0
-            for b in group:
-                ids, attn, labels = (x.to(device) for x in collate([examples[i] for i in b]))
-                w = int((labels >= 0).sum()) / total_tgt  # token-weighted mean over the accumulated batches
-                loss = model.loss(ids, attn, labels) * w
-                loss.backward()
+            for j, b in enumerate(group):
+                part, factor = dist.shard(b, n_tgt)  # this rank's part of the global micro-batch
+                ids, attn, labels = (x.to(device) for x in collate([examples[i] for i in part]))
+                w = factor * sum(n_tgt[i] for i in b) / total_tgt  # token-weighted mean over the accumulated batches
+                with dist.no_sync(net, j == len(group) - 1), \
+                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                    loss = net(ids, attn, labels) * w
+                    loss.backward()
                 loss_sum += loss.item()
                 tokens += int(attn.sum())
+            loss_sum, tokens = dist.mean(loss_sum), int(dist.all_reduce(tokens))  # the global step's loss and tokens
             lr_mult = warmup_cosine(state["step"], total_steps, tc.warmup_steps, tc.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mult
@@ -324,7 +342,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
                 t_win, tok_win, loss_win, n_win = time.perf_counter(), 0, 0.0, 0
             if tc.max_steps and state["step"] >= tc.max_steps:
                 state["done"], state["stopped"] = True, "max_steps"
-            if state["train_seconds"] >= budget:
+            if budget < math.inf and dist.any_rank(state["train_seconds"] >= budget):
                 state["done"], state["stopped"] = True, "budget"
             if tc.eval_steps and state["step"] % tc.eval_steps == 0:
                 validate()
@@ -340,6 +358,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     if state["best_step"] != state["step"] and not (out / "model.safetensors").is_file():
         validate()
     save_checkpoint(out, model, opt, state)
+    dist.barrier()  # model.safetensors is written
 
     best = load(out, device)
     t = time.perf_counter()
@@ -370,9 +389,11 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     }
     if ec.template_mean_users >= 0:
         metrics["test_template_mean"] = template_mean(best, split.test, ec, ks, device, seed)
-    write_json(out / "metrics.json", metrics)
     state["done"] = True
-    write_json(out / "state.json", state)
+    if dist.is_main():
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "state.json", state)
+    dist.barrier()
     return metrics
 
 
