@@ -171,9 +171,9 @@ class RecommenderEngine:
                 s = self.model.scores(users_t.to(self.device), hist_t.to(self.device), **kwargs).float().cpu()
                 if s.shape != (B, n):
                     raise RuntimeError(f"model.scores returned shape {tuple(s.shape)}, expected {(B, n)}")
-                for b, items in enumerate(seen):
-                    if items:
-                        s[b, list(items)] = float("-inf")
+                rows = [b for b, items in enumerate(seen) for _ in items]
+                if rows:  # one indexed write for the whole batch
+                    s[rows, [i for items in seen for i in items]] = float("-inf")
                 top = torch.topk(s, min(k, n), dim=1)
                 out = []
                 for b in range(B):

@@ -92,6 +92,10 @@ class Store(ABC):
     def get(self, user: int) -> Entry | None:
         """The user's entry in the active version, or None (no active version, or user not cached)."""
 
+    async def aget(self, user: int) -> Entry | None:
+        """`get` for the API's event loop (a local store answers inline; a network store awaits its socket)."""
+        return self.get(user)
+
     @abstractmethod
     def versions(self) -> list[VersionInfo]: ...
 
@@ -284,6 +288,7 @@ class RedisStore(Store):
         except (redis.RedisError, ValueError) as e:
             raise TTDSError(f"--store {url!r}: cannot reach Redis ({e})") from None
         self._get = self.r.register_script(_GET_SCRIPT)
+        self._async = None  # (event loop, asyncio client, script) for `aget`
 
     def _k(self, name: str) -> str:
         return self.prefix + name
@@ -335,6 +340,18 @@ class RedisStore(Store):
 
     def get(self, user):
         raw = self._get(keys=[self._k("active")], args=[self._k("recs:"), int(user)])
+        return Entry.from_json(int(user), raw) if raw else None
+
+    async def aget(self, user):
+        import asyncio
+
+        import redis.asyncio as aredis
+
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:  # an asyncio client belongs to one loop
+            client = aredis.Redis.from_url(self.url.split("?")[0], socket_timeout=5, socket_connect_timeout=5)
+            self._async = (loop, client, client.register_script(_GET_SCRIPT))
+        raw = await self._async[2](keys=[self._k("active")], args=[self._k("recs:"), int(user)])
         return Entry.from_json(int(user), raw) if raw else None
 
     def versions(self):
