@@ -111,6 +111,28 @@ def _rank_index(seed: int):
     return SemanticIndex(codes, [4, 4, 4, int(codes[:, -1].max()) + 1], level_prefixes("item", 3, True), "item")
 
 
+def _one_step(strategy: str):
+    """One AdamW step of SASRec on a fixed global batch of 10 windows (FSDP2 / DDP / one process)."""
+    from ttds import dist
+    from ttds.config import load_config
+    from ttds.train.classic import build_model
+
+    cfg = load_config(model="sasrec", overrides=["model.dropout=0", "model.attn_dropout=0", f"dist.strategy={strategy}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 60, 120)
+    net = dist.wrap(model, cfg, fsdp=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # after wrapping: FSDP2 swaps in sharded parameters
+    g = torch.Generator().manual_seed(1)
+    seq, users = torch.randint(-1, 60, (10, 21), generator=g), torch.arange(10)
+    counts = ((seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)).sum(1).numpy()
+    part, factor = dist.shard(np.arange(10), counts)
+    (net(users[part], seq[part]) * factor).backward()
+    opt.step()
+    with dist.unsharded_params(net):
+        scores = model.scores(users, seq[:, 1:])
+    return {k: v.detach().numpy() for k, v in dist.full_state_dict(model).items()}, scores.numpy()
+
+
 GEN_DATA = "builtin:users=40,items=30,seed=2"
 
 
@@ -143,7 +165,7 @@ def _worker(r: int, port: int, out: str, bb_dir: str) -> None:
         res[f"scores_{bs}"] = evaluate_ranks(model, valid, bs, progress=False)
         res[f"lists_{bs}"] = evaluate_ranks(lists, valid, bs, k=10, progress=False)
     m = evaluate(model, valid, 7, progress=False)
-    res["metrics"] = np.asarray([m[k] for k in sorted(m) if k != "eval_seconds"])
+    res["metrics"] = np.asarray([m[k] for k in sorted(m) if "seconds" not in k])
 
     batches = [np.arange(s, min(s + 5, 23)) for s in range(0, 23, 5)] + [np.asarray([30])]
     counts = np.arange(40) % 4 + 1
@@ -161,6 +183,10 @@ def _worker(r: int, port: int, out: str, bb_dir: str) -> None:
     res["prefixes"] = np.asarray(synced.prefixes)
     res["loss"] = np.asarray([dist.mean(float(r + 1))])
     res["written"] = np.asarray([_precompute(model, ds, out + "/dist.db")["written"]])
+    for strategy in ("fsdp", "ddp"):
+        sd, scores = _one_step(strategy)
+        res[f"{strategy}_scores"] = scores
+        res.update({f"{strategy}:{k}": v for k, v in sd.items()})
     res["gen_test"] = np.asarray([_gen_train(bb_dir, Path(out) / "gen")["test"]["NDCG@10"]])
     res["out"] = np.asarray(out)
     np.savez(Path(out) / f"rank{r}.npz", **res)
@@ -205,7 +231,7 @@ def test_sharded_evaluation_equals_single_process_exactly(spawned):
             assert np.array_equal(res[f"lists_{bs}"], ref_l)
     assert len(ref_s) == len(valid) and (ref_l < 10).any() and (ref_s > 0).any()
     m = evaluate(model, valid, 7, progress=False)
-    ref = np.asarray([m[k] for k in sorted(m) if k != "eval_seconds"])
+    ref = np.asarray([m[k] for k in sorted(m) if "seconds" not in k])
     for res in spawned:
         assert np.array_equal(res["metrics"], ref)
 
@@ -278,3 +304,22 @@ def test_ddp_generative_recipe_matches_single_process(spawned, tmp_path):
         assert (out / "gen" / f).exists(), f
     assert spawned[0]["gen_test"][0] == spawned[1]["gen_test"][0]  # sharded beam-search test on both ranks
     assert abs(spawned[0]["gen_test"][0] - single["test"]["NDCG@10"]) < 0.05
+
+
+def test_fsdp_and_ddp_step_equal_one_process(spawned):
+    """dist.strategy=fsdp (FSDP2 fully_shard, parameters sharded over 2 ranks) and ddp: one step = one process."""
+    sd, scores = _one_step("ddp")
+    for strategy in ("fsdp", "ddp"):
+        for res in spawned:
+            assert np.allclose(res[f"{strategy}_scores"], scores, atol=1e-5)
+            for k, v in sd.items():
+                assert np.allclose(res[f"{strategy}:{k}"], v, atol=1e-6), (strategy, k)
+
+
+def test_fsdp_refused_by_recipes_that_do_not_support_it(monkeypatch):
+    from ttds import dist
+    from ttds.errors import TTDSError
+
+    monkeypatch.setattr(dist, "active", lambda: True)  # as under torchrun
+    with pytest.raises(TTDSError, match="dist.strategy=fsdp: recipe 'classic'"):
+        dist.wrap(torch.nn.Linear(2, 2), {"dist": {"strategy": "fsdp"}, "recipe": "classic"})

@@ -186,6 +186,10 @@ def unsharded():
 
 
 def sharding() -> bool:
+    """Split evaluation/pre-compute over ranks? Under torchrun the group is joined on first use (gloo on CPU),
+    so `torchrun ... -m ttds eval` shards too."""
+    if not _UNSHARDED and env_world() > 1 and not (tdist.is_available() and tdist.is_initialized()):
+        init()
     return active() and not _UNSHARDED
 
 
@@ -210,10 +214,12 @@ class Method(nn.Module):
         return getattr(self.model, self.method)(*args, **kwargs)
 
 
-def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = False) -> nn.Module:
+def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = False, fsdp: bool = False) -> nn.Module:
     """A module whose call runs `model.<method>`: DDP (or FSDP2) over it in a process group, the plain
     wrapper otherwise. Keep using `model` itself for state_dict, evaluation and checkpoints.
-    `find_unused`: the recipe's default for DDP's find_unused_parameters (config dist.find_unused_parameters wins)."""
+    `find_unused`: the recipe's default for DDP's find_unused_parameters (config dist.find_unused_parameters wins).
+    `fsdp`: the recipe supports dist.strategy=fsdp, i.e. it builds its optimizer AFTER wrapping (FSDP2 replaces the
+    parameters by sharded DTensors), saves `full_state_dict(model)` and evaluates inside `unsharded_params(net)`."""
     from ttds.config import section
 
     dc = section(cfg, "dist", DistConfig)
@@ -223,6 +229,8 @@ def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = 
     if dc.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        if not fsdp:
+            raise TTDSError(f"config dist.strategy=fsdp: recipe {cfg.get('recipe')!r} does not support FSDP yet; use dist.strategy=ddp")
         for m in model.modules():  # shard every transformer block, then the rest at the root
             if m.__class__.__name__.endswith(("DecoderLayer", "Layer", "Block")) and m is not model:
                 fully_shard(m)
@@ -238,6 +246,19 @@ def no_sync(net: nn.Module, sync: bool):
     if sync or not hasattr(net, "no_sync"):
         return contextlib.nullcontext()
     return net.no_sync()
+
+
+@contextlib.contextmanager
+def unsharded_params(net: nn.Module):
+    """FSDP2: the full parameters on every rank inside the block (for methods that bypass forward, e.g. scoring)."""
+    mods = [m for m in net.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
 
 
 def full_state_dict(model: nn.Module) -> dict:
