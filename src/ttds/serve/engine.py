@@ -175,10 +175,8 @@ class RecommenderEngine:
                 if rows:  # one indexed write for the whole batch
                     s[rows, [i for items in seen for i in items]] = float("-inf")
                 top = torch.topk(s, min(k, n), dim=1)
-                out = []
-                for b in range(B):
-                    out.append([(int(i), float(v)) for i, v in zip(top.indices[b], top.values[b]) if v != float("-inf")])
-                return out
+                idx, val = top.indices.tolist(), top.values.tolist()  # plain lists: per-element tensor access is slow
+                return [[(i, v) for i, v in zip(ri, rv) if v != float("-inf")] for ri, rv in zip(idx, val)]
             want = min(n, k + (max((len(x) for x in seen), default=0)))
             res = self.model.recommend(users_t.to(self.device), hist_t.to(self.device), want, **kwargs)
             items, scores = res if isinstance(res, tuple) else (res, None)
