@@ -39,10 +39,10 @@ class RQVAEConfig:
     standardize: bool = True  # centre and scale the input embeddings (statistics kept as buffers)
     kmeans_init: bool = True
     kmeans_iters: int = 25
-    kmeans_sample: int = 20000  # items used for the k-means initialisation
+    kmeans_sample: int = 8192  # items used for the k-means initialisation
     dead_code_reseed: bool = True  # re-seed codes unused during an epoch
     epochs: int = 300
-    batch_size: int = 1024
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
     max_minutes: float = 5.0  # wall-clock budget for training (0 = none)
