@@ -1,12 +1,16 @@
 """Trie-constrained beam search over semantic IDs, batched across users AND beams.
 
-For a batch of B prompts: the prompt runs once (left-padded, one forward, KV cache kept); the
-level-0 scores come from its last position; the cache is then expanded to the beams
-(`batch_repeat_interleave`) and each of the remaining L-1 levels is one forward of a single token
-for all B x W beams. At every level the ID-only head gives log-probabilities over that level's K_l
-tokens (normalised before the mask, like HF `generate` which masks after its log-softmax), the
-trie's allowed-codes mask sets invalid codes to -inf, and the best W of the W x K_l candidates per
-user survive. Distinct beams are distinct trie paths, so the k returned items are valid and unique.
+For a batch of B prompts: the prompt runs once (left-padded, one forward, KV cache kept) and the
+level-0 scores come from its last position. The cache is NOT copied per beam: each later level is
+one forward of the W current beams' newest tokens *per user* (B x W tokens), appended to the same
+B-row cache, with a 4D attention mask ("tree attention") that lets a beam's token see the prompt,
+its own ancestors' tokens and itself only. Positions are the prompt length + level, as if each beam
+were its own sequence, so results equal per-beam decoding exactly while memory traffic stays that
+of B sequences (expanding the cache to B x W rows and re-ordering it every level was 80 % of the
+time on MiniLM). At every level the ID-only head gives log-probabilities over that level's K_l tokens
+(normalised before the mask, like HF `generate`, which masks after its log-softmax), the trie's
+allowed-codes mask sets invalid codes to -inf, and the best W of the W x K_l candidates per user
+survive. Distinct beams are distinct trie paths, so the k returned items are valid and unique.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
     """One batch. Returns (entities [B, k] long, -1 = none; log-prob scores [B, k])."""
     device = model.id_bias.device
     ids, attn = left_pad(prompts, device=device)
-    B = ids.shape[0]
+    B, P = ids.shape
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     h, cache = model.hidden(ids, attn, pos, use_cache=True)
     logp = torch.log_softmax(model.level_logits(h[:, -1], group0).float(), -1)
@@ -40,27 +44,29 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
     W = min(beam, logp.shape[1])
     score, code = logp.topk(W, dim=1)  # [B, W]
     node = trie.step(node.repeat_interleave(W), code.reshape(-1), 0)
-    cache.batch_repeat_interleave(W)
-    attn = attn.repeat_interleave(W, 0)
-    last = pos[:, -1].repeat_interleave(W)
+    prompt_mask = attn.bool()  # [B, P]
+    anc = torch.zeros(B, W, 0, dtype=torch.long, device=device)  # cache slots of each beam's earlier tokens
+    cur = P  # cache length
     rows = torch.arange(B, device=device).unsqueeze(1)
     for t in range(1, trie.n_levels):
-        tok = (model.n_words + model.offsets[group0 + t - 1] + code.reshape(-1, 1))
-        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
-        h, cache = model.hidden(tok, attn, (last + t).unsqueeze(1), past_key_values=cache, use_cache=True)
-        logp = torch.log_softmax(model.level_logits(h[:, -1], group0 + t).float(), -1)
-        logp = logp.masked_fill(~trie.allowed(node, t), float("-inf"))
-        K = logp.shape[1]
-        cand = (score.reshape(-1, 1) + logp).view(B, W * K)
+        # feed every beam's level t-1 token; beam w's token goes to cache slot cur + w
+        tok = model.n_words + model.offsets[group0 + t - 1] + code  # [B, W]
+        own = cur + torch.arange(W, device=device)
+        allowed = torch.zeros(B, W, cur + W, dtype=torch.bool, device=device)
+        allowed[:, :, :P] = prompt_mask.unsqueeze(1)
+        allowed.scatter_(2, anc, True)
+        allowed[:, torch.arange(W, device=device), own] = True
+        h, cache = model.hidden(tok, allowed.unsqueeze(1), (pos[:, -1:] + t).expand(B, W), past_key_values=cache, use_cache=True)
+        logp = torch.log_softmax(model.level_logits(h, group0 + t).float(), -1)  # [B, W, K]
+        logp = logp.masked_fill(~trie.allowed(node, t).view(B, W, -1), float("-inf"))
+        K = logp.shape[2]
+        cand = (score.unsqueeze(2) + logp).view(B, W * K)
         W2 = min(beam, W * K)
         score, flat = cand.topk(W2, dim=1)
         parent, code = flat // K, flat % K
-        g = (rows * W + parent).reshape(-1)
-        if t < trie.n_levels - 1:
-            cache.reorder_cache(g)
-            attn, last = attn[g], last[g]
-        node = trie.step(node[g], code.reshape(-1), t)
-        W = W2
+        anc = torch.cat([anc.gather(1, parent.unsqueeze(2).expand(-1, -1, anc.shape[2])), (cur + parent).unsqueeze(2)], 2)
+        node = trie.step(node[(rows * W + parent).reshape(-1)], code.reshape(-1), t)
+        cur, W = cur + W, W2
     ent = torch.where(node >= 0, trie.leaf_entity[node.clamp(min=0)], torch.full_like(node, -1)).view(B, W)
     ent = ent.masked_fill(~torch.isfinite(score), -1)
     if W < k:
