@@ -117,16 +117,18 @@ def _one_step(strategy: str):
     from ttds.config import load_config
     from ttds.train.classic import build_model
 
-    cfg = load_config(model="sasrec", overrides=["model.dropout=0", "model.attn_dropout=0", f"dist.strategy={strategy}"])
+    cfg = load_config(model="sasrec", overrides=["model.dropout=0", "model.attn_dropout=0", f"dist.strategy={strategy.replace('manual', 'ddp')}"])
     torch.manual_seed(0)
     model = build_model(cfg, 60, 120)
-    net = dist.wrap(model, cfg, fsdp=True)
+    net = dist.wrap(model, cfg, fsdp=True) if strategy != "manual" else dist.Method(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # after wrapping: FSDP2 swaps in sharded parameters
     g = torch.Generator().manual_seed(1)
     seq, users = torch.randint(-1, 60, (10, 21), generator=g), torch.arange(10)
     counts = ((seq[:, 1:] >= 0) & (seq[:, :-1] >= 0)).sum(1).numpy()
     part, factor = dist.shard(np.arange(10), counts)
     (net(users[part], seq[part]) * factor).backward()
+    if strategy == "manual":
+        dist.average_gradients(model)  # no DDP: one all-reduce of every gradient
     opt.step()
     with dist.unsharded_params(net):
         scores = model.scores(users, seq[:, 1:])
@@ -183,7 +185,7 @@ def _worker(r: int, port: int, out: str, bb_dir: str) -> None:
     res["prefixes"] = np.asarray(synced.prefixes)
     res["loss"] = np.asarray([dist.mean(float(r + 1))])
     res["written"] = np.asarray([_precompute(model, ds, out + "/dist.db")["written"]])
-    for strategy in ("fsdp", "ddp"):
+    for strategy in ("fsdp", "ddp", "manual"):
         sd, scores = _one_step(strategy)
         res[f"{strategy}_scores"] = scores
         res.update({f"{strategy}:{k}": v for k, v in sd.items()})
@@ -307,9 +309,10 @@ def test_ddp_generative_recipe_matches_single_process(spawned, tmp_path):
 
 
 def test_fsdp_and_ddp_step_equal_one_process(spawned):
-    """dist.strategy=fsdp (FSDP2 fully_shard, parameters sharded over 2 ranks) and ddp: one step = one process."""
+    """dist.strategy=fsdp (FSDP2 fully_shard, parameters sharded over 2 ranks), ddp, and average_gradients without
+    a wrapper: one step = one process."""
     sd, scores = _one_step("ddp")
-    for strategy in ("fsdp", "ddp"):
+    for strategy in ("fsdp", "ddp", "manual"):
         for res in spawned:
             assert np.allclose(res[f"{strategy}_scores"], scores, atol=1e-5)
             for k, v in sd.items():

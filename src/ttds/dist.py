@@ -241,6 +241,32 @@ def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = 
     return nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
 
 
+def average_gradients(model: nn.Module) -> None:
+    """All-reduce (mean over ranks) every gradient, in one flat buffer: the alternative to DDP for trainers with
+    several losses or backward passes outside forward (call after the last backward, before clipping).
+    A parameter without a gradient on some ranks gets zeros there; one without any on every rank stays None."""
+    if not active():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_backend_device())
+    tdist.all_reduce(has, tdist.ReduceOp.MAX)
+    grads = []
+    for p, h in zip(params, has.tolist()):
+        if h and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if h:
+            grads.append(p.grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_backend_device())
+    tdist.all_reduce(flat)
+    flat /= world()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def no_sync(net: nn.Module, sync: bool):
     """Skip the gradient all-reduce on accumulation micro-batches (`sync` False); sync on the last one."""
     if sync or not hasattr(net, "no_sync"):
