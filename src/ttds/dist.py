@@ -100,12 +100,14 @@ def init(backend: str = "auto", device: str = "cpu", timeout_minutes: float = 30
             raise TTDSError(f"environment: WORLD_SIZE={env_world()} but {key} is not set; launch with torchrun")
     tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     log.info("process group: rank %d of %d, backend %s", rank(), world(), backend)
+    if not is_main():
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs for the job
     return True
 
 
 def setup(cfg: dict, device: torch.device) -> torch.device:
-    """Called by a recipe after `start_run`: join the group, pick this rank's device, share the CPU
-    threads among the processes of a node, and keep logs/progress to rank 0."""
+    """Called by a recipe after `start_run`: join the group, pick this rank's device, and share the CPU
+    threads among the processes of a node."""
     from ttds.config import section
 
     dc = section(cfg, "dist", DistConfig)
@@ -119,8 +121,6 @@ def setup(cfg: dict, device: torch.device) -> torch.device:
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world()))
         torch.set_num_threads(max(1, torch.get_num_threads() // local))
-    if not is_main():
-        logging.getLogger().setLevel(logging.WARNING)
     return device
 
 
