@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -141,6 +142,7 @@ def main():
         "ttds_users_per_s": m / ours_s, "ttds_timed_users": m,
         "speedup": (m / ours_s) / (len(prompts) / hf_s),
         "mean_prompt_tokens": float(np.mean([len(p) for p in big])),
+        "load_average_1m_at_end": os.getloadavg()[0],  # shared machines: read absolute speeds with this
     }
     if args.full_test:
         allp = rec.prompts(test.users, test.history)
