@@ -20,7 +20,10 @@ def model(request, tmp_path_factory):
     m = GenerativeRecommender(bb, items, users).eval()
     with torch.no_grad():
         m.id_emb.mul_(30)  # peaked distributions so rankings are not near-ties
-    return m
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
+    yield m
+    torch.set_num_threads(n)
 
 
 def test_beam_matches_exhaustive_and_is_valid(model):
