@@ -133,8 +133,8 @@ def embed(backbone, texts: list[str], cache: bool = True) -> tuple[torch.Tensor,
 
 
 def index_from_codes(raw: np.ndarray, level_sizes: list[int], tower: str, strategy: str,
-                     last_distances: torch.Tensor | None = None) -> SemanticIndex:
-    final = collisions.resolve(raw, strategy, last_distances)
+                     last_distances: torch.Tensor | None = None, report: dict | None = None) -> SemanticIndex:
+    final = collisions.resolve(raw, strategy, last_distances, report)
     sizes = list(level_sizes)
     if final.shape[1] > len(sizes):  # the disambiguation level
         sizes.append(int(final[:, -1].max()) + 1 if len(final) else 1)
@@ -178,8 +178,9 @@ def build(ds: RecDataset, tower: str, backbone, cfg: IndexConfig, progress: bool
     fit_s = time.perf_counter() - fit_start
     raw = tok.encode(x).numpy()
     dist = tok.last_level_distances(x) if (cfg.collisions == "lcrec" and isinstance(tok, RQVAE)) else None
-    idx = index_from_codes(raw, tok.level_sizes, tower, cfg.collisions, dist)
-    stats = collisions.code_report(raw, idx.codes, tok.level_sizes)
+    extra: dict = {}
+    idx = index_from_codes(raw, tok.level_sizes, tower, cfg.collisions, dist, extra)
+    stats = collisions.code_report(raw, idx.codes, tok.level_sizes) | extra
     stats.update(kind=cfg.kind, tower=tower, collisions=cfg.collisions, encode_seconds=encode_s, embeddings_cached=cached,
                  fit_seconds=fit_s, total_seconds=time.perf_counter() - start, dim=int(x.shape[1]))
     if isinstance(tok, RQVAE):

@@ -82,8 +82,11 @@ def sinkhorn_reassign(codes: np.ndarray, last_distances: torch.Tensor, rounds: i
     return codes
 
 
-def resolve(codes: np.ndarray, strategy: str = "ttds", last_distances: torch.Tensor | None = None) -> np.ndarray:
-    """Apply a collision strategy; `ttds` and `lcrec` always return unique rows with one extra level."""
+def resolve(codes: np.ndarray, strategy: str = "ttds", last_distances: torch.Tensor | None = None,
+            report: dict | None = None) -> np.ndarray:
+    """Apply a collision strategy; `ttds` and `lcrec` always return unique rows with one extra level
+    (kept even when Sinkhorn leaves no collision, so the ID length never changes). `report` receives
+    the collision rate after the Sinkhorn re-assignment (lcrec)."""
     if strategy not in STRATEGIES:
         raise TTDSError(f"config index.collisions={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     codes = np.asarray(codes, dtype=np.int64)
@@ -91,6 +94,8 @@ def resolve(codes: np.ndarray, strategy: str = "ttds", last_distances: torch.Ten
         return codes
     if strategy == "lcrec" and last_distances is not None:
         codes = sinkhorn_reassign(codes, last_distances)
+        if report is not None:
+            report["collision_rate_sinkhorn"] = collision_rate(codes)
     return disambiguate(codes)
 
 

@@ -99,6 +99,10 @@ def format_stats(stats: dict, semantic: dict | None = None) -> str:
             lines.append(f"{k:<21}{stats[k]}")
     lines += [
         f"collision rate       before {stats['collision_rate_before']:.4f}   after {stats['collision_rate_after']:.4f}",
+    ]
+    if "collision_rate_sinkhorn" in stats:
+        lines.append(f"after Sinkhorn       {stats['collision_rate_sinkhorn']:.4f} (LC-Rec re-assignment, before the extra level)")
+    lines += [
         f"distinct IDs before  {stats['distinct_ids_before']} (largest colliding set {stats['max_collision_set']})",
         f"ID length            {stats['levels_after']} tokens",
         "level  size  used  usage   perplexity",
