@@ -25,6 +25,21 @@ SUITES: dict[str, list[Entry]] = {
         Entry("HGN", "hgn"),
         Entry("FMLP-Rec", "fmlp"),
     ],
+    # TTDS paper Tables 2-3: the full model and each ablation, one config flag apart (see each YAML's
+    # ABLATION line). TTSS, TT-SLSH and TT-SR are static (recipe generative), the rest recipe dynamic.
+    "ablations": [
+        Entry("TTDS", "ttds"),
+        Entry("STDS", "stds"),
+        Entry("TTSS", "ttss"),
+        Entry("TTDS-DM", "ttds_dm"),
+        Entry("STDS-DM", "stds_dm"),
+        Entry("TTDS-HO", "ttds_ho"),
+        Entry("TTDS-3", "ttds_3"),
+        Entry("TTDS-5", "ttds_5"),
+        Entry("TT-DLSH", "tt_dlsh"),
+        Entry("TT-SLSH", "tt_slsh"),
+        Entry("TT-SR", "tt_sr"),
+    ],
 }
 
 

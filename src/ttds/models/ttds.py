@@ -1,0 +1,218 @@
+"""TTDS: the generative recommender with *dynamic* twin-tower tokenizers (Yin et al., WWW 2025, §4.2).
+
+    text C --backbone f--> X = f(C) --tokenizer (RQ-VAE encoder + residual codebooks)--> codes --> semantic IDs
+    ID token embeddings  E_l = P_tower(codebook_l)      (a learned projection of the codebook vectors)
+    L_all = L_LLM + alpha * L_DM-VAE,   L_DM-VAE = L_ID + beta * L_Token                  (eq. 12-15)
+
+How the recommendation loss reaches the tokenizers (the design choice of this implementation):
+  * The ID tokens have no embedding rows of their own: the embedding of `<b_7>` (item tower, level 1,
+    code 7) IS `P_item(codebook_1[7])`, a linear projection of the RQ-VAE code vector into the
+    backbone's width, used both as the input embedding and as the tied output row of the ID-only head
+    (`GenerativeRecommender.id_table`). Every gradient of L_LLM on an ID token therefore lands on a
+    codebook vector (and on P). Levels without a codebook (the disambiguation level that makes IDs
+    unique, and every level of an LSH index) keep free rows (`GenerativeRecommender.id_emb`).
+  * L_ID pulls the backbone's representation of an entity's ID sequence (mean of the last hidden
+    states over its ID tokens) towards that entity's text representation X_e (cosine distance, both centred
+    on the tower's mean X so that a common direction cannot satisfy it). Its
+    gradient reaches the backbone and, through the tied embeddings, the codebooks.
+  * L_Token is the per-level residual term of the RQ-VAE (codebook + commitment), computed on X_e;
+    it is what trains the tokenizer's encoder and keeps the codebooks on the encoder's residuals.
+  * X moves with the backbone: X = f(C) is re-encoded with the *current* (fine-tuned) backbone at
+    every code re-assignment, so the tokenizers quantise the representation the recommender learns.
+    Codes are argmins, so no gradient crosses the assignment itself; the re-assignment does.
+
+`TowerTokenizer` is one tower (items or users); `TTDSRecommender` is the recommender with the towers
+inside (their parameters are model parameters: trained by the same optimizer, saved in the same
+checkpoint). The current codes are buffers of the model, so a checkpoint carries its own index.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttds.index import collisions
+from ttds.index.base import SemanticIndex, level_prefixes
+from ttds.index.rqvae import RQVAE
+from ttds.models.generative import GenerativeRecommender
+
+log = logging.getLogger(__name__)
+
+
+class TowerTokenizer(nn.Module):
+    """One tower: its tokenizer module (RQ-VAE, or LSH without parameters), the text representation
+    X of every entity (a buffer refreshed with the backbone), and the codebook -> ID-embedding
+    projection. The disambiguation level has a fixed capacity so the token space never changes."""
+
+    def __init__(self, tower: str, tokenizer: nn.Module, x: torch.Tensor, d_model: int, collision: str = "ttds",
+                 capacity: int = 64, word_std: float = 0.05):
+        super().__init__()
+        self.tower, self.collision = tower, collision
+        self.tokenizer = tokenizer
+        self.register_buffer("x", x.float().clone())
+        self.register_buffer("disambig_size", torch.tensor(int(capacity)))  # saved: fixes the token space
+        self.has_codebooks = isinstance(tokenizer, RQVAE)
+        self.n_code_levels = len(tokenizer.level_sizes)
+        if self.has_codebooks:
+            self.proj = nn.Linear(tokenizer.cfg.code_dim, d_model, bias=False)
+            with torch.no_grad():  # start at the scale of the word embeddings
+                out = self.proj(torch.cat(list(tokenizer.codebooks)))
+                self.proj.weight.mul_(word_std / out.std().clamp_min(1e-8))
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.disambig_size)
+
+    @property
+    def level_sizes(self) -> list[int]:
+        return list(self.tokenizer.level_sizes) + ([self.capacity] if self.collision != "none" else [])
+
+    def level_embeddings(self, level: int) -> torch.Tensor | None:
+        """[K, d] embeddings of a level's ID tokens, or None for a level without a codebook."""
+        if self.has_codebooks and level < self.n_code_levels:
+            return self.proj(self.tokenizer.codebooks[level])
+        return None
+
+    @torch.no_grad()
+    def set_text(self, x: torch.Tensor) -> None:
+        """New X (re-encoded by the current backbone). The tokenizer's input statistics follow it
+        (RQ-VAE standardisation, LSH centre): the mean-pooled states of a fine-tuned LM share a growing
+        common component, and without re-centring every entity ends up on the same codes."""
+        self.x.copy_(x.to(self.x.device))
+        if self.has_codebooks:
+            self.tokenizer.set_input_stats(self.x)
+        else:
+            self.tokenizer.fit(self.x)
+
+    # ------------------------------------------------------------------ losses
+
+    def token_loss(self, entities: torch.Tensor) -> torch.Tensor:
+        """L_Token: sum over levels of ||sg(r_l) - c_l||^2 + beta_c ||r_l - sg(c_l)||^2 on X_e."""
+        if not self.has_codebooks:
+            return self.x.new_zeros(())
+        return self.tokenizer(self.x[entities]).quant_loss
+
+    # ------------------------------------------------------------------ assignment
+
+    @torch.no_grad()
+    def resolved_codes(self) -> np.ndarray:
+        """Codes of every entity from the current X and tokenizer, collisions resolved [n, L(+1)]."""
+        was = self.training
+        self.eval()
+        raw = self.tokenizer.encode(self.x).cpu().numpy()
+        dist = self.tokenizer.last_level_distances(self.x) if (self.collision == "lcrec" and self.has_codebooks) else None
+        self.train(was)
+        return collisions.resolve(raw, self.collision, dist)
+
+    @torch.no_grad()
+    def assign(self) -> SemanticIndex | None:
+        """Fresh codes for every entity, as a SemanticIndex in the fixed token space.
+        None when a colliding set does not fit the disambiguation level's capacity."""
+        final = self.resolved_codes()
+        if self.collision != "none" and len(final) and int(final[:, -1].max()) >= self.capacity:
+            log.warning("%s tower: a colliding set of %d entities exceeds the disambiguation capacity %d; codes kept",
+                        self.tower, int(final[:, -1].max()) + 1, self.capacity)
+            return None
+        return SemanticIndex(final, list(self.level_sizes),
+                             level_prefixes(self.tower, self.n_code_levels, self.collision != "none"), self.tower)
+
+
+class TTDSRecommender(GenerativeRecommender):
+    """`GenerativeRecommender` whose ID embeddings come from the towers' codebooks (see module doc)."""
+
+    def __init__(self, backbone, item_index: SemanticIndex, user_index: SemanticIndex | None,
+                 towers: dict[str, TowerTokenizer], max_text_tokens: int = 32):
+        super().__init__(backbone, item_index, user_index, max_text_tokens=max_text_tokens)
+        self.towers = nn.ModuleDict(towers)
+        self.register_buffer("item_codes", torch.as_tensor(item_index.codes))
+        if user_index is not None:
+            self.register_buffer("user_codes", torch.as_tensor(user_index.codes))
+        self.id_embedding_provider = self._projected_table
+        self._cache: tuple | None = None
+
+    # ------------------------------------------------------------------ ID embeddings
+
+    def _projected_table(self) -> torch.Tensor:
+        """[n_id_tokens, d]: projected codebooks where a level has one, free rows elsewhere.
+        Without grad (beam search) the table is cached until a parameter changes in place."""
+        params = [self.id_emb] + [p for t in self.towers.values() for p in t.parameters()]
+        key = tuple(p._version for p in params)
+        if not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        parts = []
+        for g, (tower, level, k) in enumerate(self.groups):
+            e = self.towers[tower].level_embeddings(level) if tower in self.towers else None
+            s = self.offsets[g]
+            parts.append(e.to(self.id_emb.dtype) if e is not None else self.id_emb[s:s + k])
+        table = torch.cat(parts)
+        self._cache = (key, table.detach()) if not torch.is_grad_enabled() else None
+        return table
+
+    # ------------------------------------------------------------------ index
+
+    def set_index(self, item_index: SemanticIndex, user_index: SemanticIndex | None = None) -> None:
+        super().set_index(item_index, user_index)
+        if hasattr(self, "item_codes"):  # keep the buffers (what checkpoints carry) in step
+            self.item_codes = torch.as_tensor(item_index.codes, device=self.item_codes.device)
+            if user_index is not None:
+                self.user_codes = torch.as_tensor(user_index.codes, device=self.user_codes.device)
+
+    def index_from_buffers(self) -> None:
+        """After loading weights: re-install the index the checkpoint carries."""
+        def idx(tower, codes):
+            t = self.towers[tower]
+            return SemanticIndex(codes.cpu().numpy(), t.level_sizes,
+                                 level_prefixes(tower, t.n_code_levels, t.collision != "none"), tower)
+        self.set_index(idx("item", self.item_codes), idx("user", self.user_codes) if self.user_index is not None else None)
+
+    @torch.no_grad()
+    def reassign(self) -> dict:
+        """Re-assign the codes of every entity of every tower (collisions re-resolved, tries and
+        prompt codec rebuilt). Returns the share of entities whose ID changed, per tower."""
+        new, changed = {}, {}
+        for tower in ("item", "user"):
+            old = self.item_index if tower == "item" else self.user_index
+            if old is None or tower not in self.towers:
+                new[tower] = old
+                continue
+            idx = self.towers[tower].assign()
+            if idx is None:
+                new[tower], changed[tower] = old, 0.0
+                continue
+            new[tower] = idx
+            changed[tower] = float((idx.codes != old.codes).any(1).mean())
+        self.set_index(new["item"], new["user"])
+        return changed
+
+    # ------------------------------------------------------------------ DM-VAE
+
+    def id_representation(self, tower: str, entities: torch.Tensor) -> torch.Tensor:
+        """Backbone's representation of the entities' ID token sequences: mean of the last hidden
+        states over the ID tokens of "[BOS] <a_.><b_.>..." (one short causal forward), [B, d]."""
+        codes = self.item_codes if tower == "item" else self.user_codes
+        ids = torch.as_tensor(self.id_tokens(tower, codes[entities].cpu().numpy()), device=entities.device)
+        bos = self.codec.bos
+        if bos:
+            ids = torch.cat([ids.new_full((len(ids), 1), bos[0]), ids], 1)
+        attn = torch.ones_like(ids)
+        h = self.hidden(ids, attn, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
+        return h[:, len(bos):].mean(1)
+
+    def dm_vae_loss(self, entities: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, dict]:
+        """L_DM-VAE = L_ID + beta * L_Token over a sample of entities per tower (eq. 12-14)."""
+        l_id = l_tok = self.id_emb.new_zeros(())
+        for tower, ents in entities.items():
+            t = self.towers[tower]
+            centre = t.x.mean(0)  # compare centred vectors: a shared direction must not satisfy L_ID
+            h = self.id_representation(tower, ents)
+            l_id = l_id + (1 - F.cosine_similarity(h - centre, t.x[ents] - centre, dim=-1)).mean()
+            if beta:
+                l_tok = l_tok + t.token_loss(ents)
+        return l_id + beta * l_tok, {"l_id": float(l_id.detach()), "l_token": float(l_tok.detach())}

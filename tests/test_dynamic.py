@@ -1,0 +1,196 @@
+"""TTDS (recipe `dynamic`): gradients reach the tokenizers only when joint, re-assignment keeps IDs
+unique and the trie consistent, each loss term follows its flag, a short joint run learns, resume is exact."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _generative_fixtures import tiny_backbone_dir
+from ttds.config import load_config
+from ttds.data.readers import load_dataset
+from ttds.io import load_safetensors
+from ttds.tasks import templates
+from ttds.tasks.builders import TaskConfig, TaskData, build_epoch
+from ttds.train import dynamic
+from ttds.train.engine import collate
+
+DATA = "builtin:users=150,items=60,seed=4"
+SMALL = "builtin:users=40,items=30,seed=2"  # the resume/static runs
+
+
+@pytest.fixture(scope="module")
+def bb_dir(tmp_path_factory):
+    return tiny_backbone_dir(tmp_path_factory.mktemp("bb"), "bert", 48)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_dataset(DATA)
+
+
+def _cfg(bb_dir, model="ttds", extra=()):
+    over = [f"backbone.name_or_path={bb_dir}", "index.options.levels=2", "index.options.codebook_size=8",
+            "index.options.rqvae.epochs=15", "index.options.rqvae.code_dim=16", "index.options.rqvae.hidden=[32]",
+            "index.options.cache_embeddings=false", "index.options.max_text_tokens=24",
+            "train.batch_size=16", "train.warmup_steps=2", "train.valid_users=40", "train.lr=0.001", "train.epochs=50",
+            "train.patience=50", "dynamic.warmup_steps=2", "eval.template_mean_users=-1", "eval.final_valid=false",
+            "eval.beam=10", "threads=2", "tasks.item2index=0", "tasks.index2item=0", *extra]
+    cfg = load_config(model=model, overrides=over)
+    cfg["name"] = model
+    return cfg
+
+
+def _model(bb_dir, ds, tmp_path, model="ttds", extra=()):
+    from ttds.train.generative import _backbone
+
+    cfg = _cfg(bb_dir, model, extra)
+    torch.manual_seed(0)
+    return dynamic.build_model(cfg, ds, _backbone(cfg, "cpu"), tmp_path), cfg
+
+
+def _batch(model, ds, cfg):
+    from ttds.data.dataset import leave_one_out
+
+    sp = leave_one_out(ds, 20)
+    data = TaskData(ds, sp.train, model.codec, 20)
+    ex = build_epoch(data, TaskConfig(userpred=0.2), np.random.default_rng(0))
+    return collate(ex[:12])
+
+
+def test_gradients_reach_tokenizers_when_joint_not_when_static(bb_dir, ds, tmp_path):
+    model, cfg = _model(bb_dir, ds, tmp_path)
+    opt = dynamic._optimizer(model, dynamic.GenTrainConfig(), dynamic.DynamicConfig())
+    cb = model.towers["item"].tokenizer.codebooks[0]
+    enc = next(model.towers["item"].tokenizer.encoder.parameters())
+    # joint: L_LLM reaches the item and user codebooks (tied ID embeddings) and the projection
+    dynamic._set_phase(model, opt, True, True)
+    model.loss(*_batch(model, ds, cfg)).backward()
+    for t in ("item", "user"):
+        g = model.towers[t].tokenizer.codebooks[0].grad
+        assert g is not None and g.abs().sum() > 0, t
+        assert model.towers[t].proj.weight.grad.abs().sum() > 0
+    # L_DM-VAE: L_Token trains the encoder, L_ID the backbone
+    opt.zero_grad(set_to_none=True)
+    ents = {t: torch.arange(10) for t in model.towers}
+    loss, parts = model.dm_vae_loss(ents, beta=0.5)
+    loss.backward()
+    assert enc.grad is not None and enc.grad.abs().sum() > 0 and parts["l_id"] > 0 and parts["l_token"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.body.encoder.parameters())
+    # static (dynamic.enabled=false, late freeze): no gradient reaches any tokenizer parameter
+    opt.zero_grad(set_to_none=True)
+    dynamic._set_phase(model, opt, True, False)
+    model.loss(*_batch(model, ds, cfg)).backward()
+    assert all(p.grad is None for p in model.towers.parameters())
+    # TTSS (generative recipe): the tokenizer is not part of the model at all; ID embeddings are free rows
+    from ttds.train import generative
+
+    ttss = generative.build_model(cfg, model.backbone, model.item_index, model.user_index)
+    assert ttss.id_embedding_provider is None
+    assert not [n for n, _ in ttss.named_parameters() if "codebook" in n or "towers" in n]
+
+
+def test_reassignment_keeps_ids_unique_and_trie_consistent(bb_dir, ds, tmp_path):
+    model, _ = _model(bb_dir, ds, tmp_path)
+    before = {t: idx.codes.copy() for t, idx in (("item", model.item_index), ("user", model.user_index))}
+    g = torch.Generator().manual_seed(1)
+    for t in model.towers.values():  # the backbone moved: new text representations
+        t.set_text(t.x + 0.5 * t.x.std() * torch.randn(t.x.shape, generator=g))
+    changed = model.reassign()
+    assert 0 < changed["item"] <= 1 and 0 < changed["user"] <= 1
+    for name, idx, trie in (("item", model.item_index, model.trie), ("user", model.user_index, model.user_trie)):
+        assert idx.is_unique(), name
+        assert not np.array_equal(idx.codes, before[name])
+        ents = trie.entities(torch.as_tensor(idx.codes))
+        assert torch.equal(ents, torch.arange(idx.n)), name  # every entity reachable, maps back to itself
+        codes_buf = model.item_codes if name == "item" else model.user_codes
+        assert np.array_equal(codes_buf.numpy(), idx.codes)  # what checkpoints carry
+    assert np.array_equal(model.codec.item_tokens, model.id_tokens("item", model.item_index.codes))
+    top = model.eval().recommend(torch.arange(5), torch.as_tensor(np.stack([s[-6:-1] for s in ds.sequences[:5]])), k=10)
+    assert ((top >= 0) & (top < ds.n_items)).all() and all(len(set(r.tolist())) == 10 for r in top)
+    # a collapse that overflows the disambiguation level keeps the previous (unique) codes
+    keep = model.user_index.codes.copy()
+    assert ds.n_users > model.towers["user"].capacity
+    model.towers["user"].set_text(torch.ones_like(model.towers["user"].x))
+    assert model.reassign()["user"] == 0.0 and np.array_equal(model.user_index.codes, keep)
+
+
+def test_each_loss_term_follows_its_flag(bb_dir, ds, tmp_path, monkeypatch):
+    # STDS: no user tower, no user tokens anywhere
+    stds, cfg = _model(bb_dir, ds, tmp_path / "stds", "stds")
+    assert set(stds.towers) == {"item"} and stds.user_index is None and stds.codec.user_tokens is None
+    assert all(t == "item" for t, _, _ in stds.groups)
+    ents = {"item": torch.arange(8)}
+    _, parts = stds.dm_vae_loss(ents, beta=0.0)
+    assert parts["l_token"] == 0 and parts["l_id"] > 0
+    _, parts = stds.dm_vae_loss(ents, beta=1.0)
+    assert parts["l_token"] > 0
+    # HO off: no user-prediction or review example is ever sampled; on: both are
+    data = TaskData(ds, [s[:-2] for s in ds.sequences], stds.codec, 20)
+
+    from ttds.tasks import builders
+
+    def kinds(tasks_cfg, codec, monkeypatch):
+        """The task kinds that produced examples in one epoch of the mix."""
+        seen = set()
+        for name in ("userpred", "review"):
+            real = getattr(builders, f"{name}_examples")
+            monkeypatch.setattr(builders, f"{name}_examples",
+                                lambda *a, _r=real, _n=name: (lambda out: (seen.add(_n) if out else None, out)[1])(_r(*a)))
+        data.codec = codec
+        build_epoch(data, tasks_cfg, np.random.default_rng(0))
+        monkeypatch.undo()
+        return seen
+
+    full, _ = _model(bb_dir, ds, tmp_path / "full")
+    tasks = lambda m: dynamic.section(_cfg(bb_dir, m), "tasks", TaskConfig)  # noqa: E731
+    assert kinds(tasks("ttds"), full.codec, monkeypatch) == {"userpred", "review"}
+    assert kinds(tasks("ttds_ho"), full.codec, monkeypatch) == set()
+    assert kinds(tasks("ttds"), stds.codec, monkeypatch) == {"review"}  # STDS: no user IDs to predict
+    # DM off (TTDS-DM) vs on: the step's L_DM-VAE term is exactly zero (no gradient) / non-zero
+    for model, zero in (("ttds_dm", True), ("ttds", False)):
+        lc = dynamic.section(_cfg(bb_dir, model), "loss", dynamic.LossConfig)
+        full.zero_grad(set_to_none=True)
+        parts = dynamic.dm_vae_backward(full, lc, "cpu")
+        grads = [p.grad for p in full.towers["item"].tokenizer.encoder.parameters()]
+        assert (parts["l_id"] == 0 and parts["l_token"] == 0) == zero, (model, parts)
+        assert all(g is None for g in grads) == zero
+
+
+def test_joint_run_learns_and_reassigns(bb_dir, ds, tmp_path):
+    from ttds.data.dataset import leave_one_out
+    from ttds.eval.evaluator import evaluate
+
+    # a short joint run (codes re-assigned every 4 steps) improves validation NDCG@10 over the untrained model
+    untrained, cfg = _model(bb_dir, ds, tmp_path / "u")
+    valid = leave_one_out(ds, 20).valid
+    base = evaluate(untrained, valid, 1024, (10,), False, "cpu", progress=False)["NDCG@10"]
+    fast = ["train.max_steps=40", "train.id_lr=0.01", "train.lr=0.002", "dynamic.reassign_steps=4", "train.eval_steps=10"]
+    m = dynamic.train(_cfg(bb_dir, "ttds", fast), ds, tmp_path / "a")
+    trained = dynamic.load(tmp_path / "a")
+    after = evaluate(trained, valid, 1024, (10,), False, "cpu", progress=False)["NDCG@10"]
+    assert after > base + 0.02, (base, after, m["valid_history"])
+    assert len(m["reassignments"]) >= 5 and any(r["item"] > 0 for r in m["reassignments"])
+    # the tokenizer moved (joint)
+    start = load_safetensors(tmp_path / "a" / "tokenizer.item" / "tokenizer.safetensors")["codebooks.0"]
+    assert not torch.allclose(load_safetensors(tmp_path / "a" / "model.safetensors")["towers.item.tokenizer.codebooks.0"], start)
+
+
+def test_static_flag_and_exact_resume(bb_dir, tmp_path):
+    small = load_dataset(SMALL)
+    # dynamic.enabled=false: the tokenizer does not move (a static index inside this recipe)
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=2", "dynamic.enabled=false"]), small, tmp_path / "s")
+    start = load_safetensors(tmp_path / "s" / "tokenizer.item" / "tokenizer.safetensors")["codebooks.0"]
+    assert torch.equal(load_safetensors(tmp_path / "s" / "last.safetensors")["model.towers.item.tokenizer.codebooks.0"], start)
+    # resume: 5 steps straight == 3 steps, stop, resume to 5 (re-assignments before and after the stop)
+    extra = ["dynamic.reassign_steps=2", "dynamic.warmup_steps=1"]
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *extra]), small, tmp_path / "b")
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=3", *extra]), small, tmp_path / "c")
+    (tmp_path / "c" / "metrics.json").unlink()
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *extra]), small, tmp_path / "c")
+    sb, sc = (json.loads((tmp_path / r / "state.json").read_text()) for r in ("b", "c"))
+    assert len(sb["losses"]) == len(sc["losses"]) == 5 and len(sb["reassign"]) == 2
+    assert sc["losses"][:3] == sb["losses"][:3]
+    assert sc["losses"][3:] == pytest.approx(sb["losses"][3:], rel=1e-5)
+    np.testing.assert_allclose(sc["dm_losses"], sb["dm_losses"], rtol=1e-4)
+    assert [r["item"] for r in sc["reassign"]] == pytest.approx([r["item"] for r in sb["reassign"]])
