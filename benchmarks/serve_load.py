@@ -56,6 +56,8 @@ class Conn:
             head += "Content-Type: application/json\r\n"
         self.w.write(head.encode() + b"\r\n" + body)
         status_line = await self.r.readline()
+        if not status_line:
+            raise ConnectionResetError("the server closed an idle keep-alive connection")
         length = 0
         while True:
             line = await self.r.readline()
@@ -75,17 +77,23 @@ class Pool:
         for _ in range(self.size):
             self.q.put_nowait(await Conn.open(self.port))
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"", timeout: float = 60.0) -> tuple[int, bytes]:
         conn = await self.q.get()
         try:
-            out = await asyncio.wait_for(conn.request(method, path, body), 10)
-        except Exception:
-            conn.w.close()
-            conn = await Conn.open(self.port)  # a failed exchange leaves the stream in an unknown state
-            raise
+            for attempt in (0, 1):  # one retry on a connection the server closed while it was idle
+                try:
+                    return await asyncio.wait_for(conn.request(method, path, body), timeout)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    conn.w.close()
+                    conn = await Conn.open(self.port)
+                    if attempt:
+                        raise
+                except Exception:
+                    conn.w.close()
+                    conn = await Conn.open(self.port)  # a failed exchange leaves the stream in an unknown state
+                    raise
         finally:
             self.q.put_nowait(conn)
-        return out
 
 
 async def cached_load(pool: Pool, users: list[int], rate: float, seconds: float, k: int) -> dict:
@@ -147,10 +155,11 @@ async def run_load(port: int, args, n_users: int, histories) -> list[dict]:
     await pool.start()
     rng = random.Random(1)
     users = [rng.randrange(n_users) for _ in range(5000)]
-    for u in users[:50]:  # warm-up
-        await pool.request("GET", f"/v1/users/{u}/recommendations?k={args.k}")
-    await online(pool, histories[:5], args.k, 1)
-    rows = [await cached_load(pool, users, args.rate, args.seconds, args.k)]
+    if args.seconds > 0:
+        for u in users[:50]:  # warm-up
+            await pool.request("GET", f"/v1/users/{u}/recommendations?k={args.k}")
+    await online(pool, histories[:3], args.k, 1)
+    rows = [await cached_load(pool, users, args.rate, args.seconds, args.k)] if args.seconds > 0 else []
     rows.append(await online(pool, histories, args.k, 1))
     rows.append(await online(pool, histories * 2, args.k, args.concurrency))
     return rows
@@ -162,12 +171,13 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--store", default="sqlite:///runs/serve/bench.db")
     ap.add_argument("--rate", type=float, default=200.0)
-    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seconds", type=float, default=60.0, help="cached-path duration (0: skip the cached path)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--cache-k", type=int, default=50)
     ap.add_argument("--online", type=int, default=100, help="online requests at batch 1")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    ap.add_argument("--keep-seen", action="store_true", help="serve with --keep-seen (a generative model then runs k beams, not k + history)")
     ap.add_argument("--no-precompute", action="store_true")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -191,7 +201,7 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(py + ["serve", "--model", args.model, "--data", args.data, "--store", args.store, "--port", str(port),
-                               "--threads", str(args.threads)], env=env)
+                               "--threads", str(args.threads)] + (["--keep-seen"] if args.keep_seen else []), env=env)
     try:
         import httpx
 
