@@ -71,6 +71,10 @@ def format_markdown(result: dict) -> str:
             f"{r.get('eval_seconds', r.get('test_eval_seconds', '-'))} ({r.get('eval_cpu_seconds', '-')} CPU) | "
             f"{r['peak_rss_mb']:.0f} |"
         )
+    over = [f"{r['label']}: {' '.join(r['overrides'])}" for r in result["rows"] if r.get("overrides")]
+    if over:
+        lines += ["", "Config overrides per row (a `(budget)` stop means train.max_minutes ended training before "
+                  "early stopping: not converged): " + "; ".join(over) + "."]
     ref = REFERENCE.get(result["dataset"], {})
     if ref:
         lines += ["", "Reference figures (NOT measured by this harness; the paper's numbers are the paper's):", "",
