@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--name", required=True)
     ap.add_argument("--given", action="store_true", help="add the dataset's shipped NAME.index.json")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--note", action="append", default=[], help="a line of notes for the .md")
     a = ap.parse_args()
     ds = load_dataset(a.data)
     texts, cats = entity_texts(ds, "item")
@@ -40,7 +41,7 @@ def main():
         idx = SemanticIndex.load(f / "index.json", conf["tower"])
         stats = index_stats(idx, load_raw_codes(f), read_json(f / "stats.json"))
         sem = read_json(f / "semantic.json") if (f / "semantic.json").is_file() else semantic_check(idx, texts, cats)
-        label = f"{conf['kind']}" + (f" ({stats.get('collisions')})" if conf["kind"] == "rqvae" else "")
+        label = f.name.removeprefix(f"index-{ds.name}-item-") + (f" ({stats.get('collisions')})" if conf["kind"] == "rqvae" else "")
         rows.append({"index": label, "folder": str(f), "backbone": conf.get("backbone"), "stats": stats, "semantic": sem})
     if a.given:
         path = Path(a.data) / f"{ds.name}.index.json"
@@ -50,7 +51,7 @@ def main():
     result = {"dataset": ds.name, "n_items": ds.n_items, "machine": machine_info(), "rows": rows}
     out = Path(a.out) / f"index-{a.name}"
     write_json(out.with_suffix(".json"), result)
-    head = ("| index | coll. before | coll. after | ID len | used codes / level | perplexity / level | encode s | fit s (epochs) "
+    head = ("| index | coll. before | after Sinkhorn | coll. after | ID len | used codes / level | perplexity / level | encode s | fit s (epochs) "
             "| total s | Jaccard ratio (2-prefix) | category ratio |")
     lines = [f"# Semantic index on {ds.name} ({ds.n_items} items, backbone minilm)", "",
              "Collision rate = share of items whose raw ID is shared. Semantic ratio = mean over 20,000 pairs of items "
@@ -62,11 +63,11 @@ def main():
         ppl = "/".join(f"{l['perplexity']:.0f}" for l in s["levels"])
         fit = f"{fmt(s.get('fit_seconds'), 1)} ({s.get('epochs', '-')})" if "fit_seconds" in s else "-"
         enc = fmt(s.get("encode_seconds"), 1) + (" (cached)" if s.get("embeddings_cached") else "") if "encode_seconds" in s else "-"
-        lines.append(f"| {r['index']} | {s['collision_rate_before']:.4f} | {s['collision_rate_after']:.4f} | {s['levels_after']} "
+        lines.append(f"| {r['index']} | {s['collision_rate_before']:.4f} | {fmt(s.get('collision_rate_sinkhorn'), 4)} | {s['collision_rate_after']:.4f} | {s['levels_after']} "
                      f"| {used} | {ppl} | {enc} | {fit} | {fmt(s.get('total_seconds'), 1) if 'total_seconds' in s else '-'} "
                      f"| {fmt(m['jaccard_ratio'], 2)} | {fmt(m['category_ratio'], 2)} |")
     mi = result["machine"]
-    lines += ["", f"Machine: {mi}", ""]
+    lines += ["", *a.note, "", f"Machine: {mi}", ""]
     write_text(out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
 
