@@ -27,7 +27,11 @@ def main(names):
         t = time.perf_counter()
         bb.encode(texts, batch_size=64)
         rate = len(texts) / (time.perf_counter() - t)
-        note = "" if converted or name == "minilm" else " (incl. GGUF conversion)"
+        ids = bb.add_tokens(["<a_3>"])
+        enc = bb.tokenizer("bought <a_3>", add_special_tokens=False)["input_ids"]
+        whole = enc[-1] == ids[0] and len(enc) == len(bb.tokenizer("bought", add_special_tokens=False)["input_ids"]) + 1
+        note = ("" if whole else "  STRAY TOKEN before an added ID")
+        note += "" if converted or name == "minilm" else " (incl. GGUF conversion)"
         print(f"{name:<16}{first:>14.1f}{again:>10.2f}{bb.hidden_size:>6}{rate:>16.1f}{note}")
 
 
