@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TTDS   := $(VENV)/bin/ttds
 DEMO   := runs/demo
+DEMO_DATA := builtin:users=600,items=300
 
 .PHONY: install test demo clean
 
@@ -21,8 +22,8 @@ test: install
 	$(PY) -m pytest -x -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 demo: install
-	$(TTDS) data stats builtin
-	$(TTDS) demo --out $(DEMO)
+	$(TTDS) data stats $(DEMO_DATA)
+	$(TTDS) bench demo --data $(DEMO_DATA) --runs $(DEMO) --results $(DEMO)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

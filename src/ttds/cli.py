@@ -70,11 +70,12 @@ def data_prepare_amazon(
 
 def _register_commands() -> None:
     """Commands of the other layers live next to the code they drive."""
-    from ttds.train import commands as train_commands
+    from ttds.index import commands as index_commands  # ttds index build|stats
+    from ttds.serve import commands as serve_commands  # ttds precompute|serve
+    from ttds.train import commands as train_commands  # ttds train|eval|bench
 
-    train_commands.register(app)
-    __import__("ttds.serve.commands", fromlist=["register"]).register(app)  # ttds precompute, ttds serve
-    __import__("ttds.index.commands", fromlist=["register"]).register(app)  # ttds index build|stats
+    for module in (train_commands, index_commands, serve_commands):
+        module.register(app)
 
 
 _register_commands()
