@@ -163,7 +163,17 @@ class SQLiteStore(Store):
         if c is None:
             try:
                 c = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
-                c.execute("PRAGMA journal_mode=WAL")
+                # Switching a new file to WAL needs an exclusive lock and SQLite does not call the busy
+                # handler for it: when several processes (torchrun ranks) open the store at once, retry.
+                deadline = time.monotonic() + 30.0
+                while True:
+                    try:
+                        c.execute("PRAGMA journal_mode=WAL")
+                        break
+                    except sqlite3.OperationalError as e:
+                        if "locked" not in str(e) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
             except sqlite3.DatabaseError as e:
                 raise TTDSError(f"--store {self.url!r}: cannot open as SQLite database ({e})") from None
             c.execute("PRAGMA synchronous=NORMAL")
