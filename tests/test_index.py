@@ -13,13 +13,7 @@ from ttds.index.rqvae import RQVAE, RQVAEConfig
 SMALL = {"epochs": 30, "batch_size": 64, "code_dim": 32, "hidden": [128], "kmeans_iters": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and does not stall when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
