@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttds.errors import TTDSError
 from ttds.index.base import SemanticIndex
 from ttds.index.trie import IDTrie
 from ttds.tasks.builders import PromptCodec
@@ -136,17 +137,78 @@ class GenerativeRecommender(nn.Module):
 
     # ------------------------------------------------------------------ recommendation
 
-    def prompts(self, users, history, template: int | None = None) -> list[np.ndarray]:
+    def prompts(self, users, history, template: int | None = None, user_texts: list[str | None] | None = None) -> list[np.ndarray]:
+        """Evaluation prompts. A user id < 0 (PAD) is a user outside the index: with a text in `user_texts`
+        and a user coder, the user tower gives them an ID; otherwise the prompt has no user ID."""
         t = self.eval_template if template is None else template
         users = np.asarray(torch.as_tensor(users).cpu())
         history = np.asarray(torch.as_tensor(history).cpu())
-        return [self.codec.seqrec_prompt(int(u), h[h >= 0], t) for u, h in zip(users, history)]
+        texts = user_texts or [None] * len(users)
+        who = [int(u) if u >= 0 else self.anonymous_user_tokens(s) for u, s in zip(users, texts)]
+        return [self.codec.seqrec_prompt(u, h[h >= 0], t) for u, h in zip(who, history)]
 
     @torch.no_grad()
-    def recommend(self, users, history, k: int = 10, template: int | None = None) -> torch.Tensor:
-        """Ranked item ids [B, k] by trie-constrained beam search (-1 where fewer than k exist)."""
+    def recommend(self, users, history, k: int = 10, template: int | None = None, user_texts: list[str | None] | None = None,
+                  return_scores: bool = False):
+        """Ranked item ids [B, k] by trie-constrained beam search (-1 where fewer than k exist); with
+        `return_scores` also their scores [B, k]: log P(item ID | prompt), the sum over the ID's tokens."""
         from ttds.models.beam import beam_search_prompts
 
-        items, _ = beam_search_prompts(self, self.prompts(users, history, template), self.trie, 0,
-                                       beam=max(self.beam, k), k=k, batch=self.beam_batch)
-        return items
+        items, scores = beam_search_prompts(self, self.prompts(users, history, template, user_texts), self.trie, 0,
+                                            beam=max(self.beam, k), k=k, batch=self.beam_batch)
+        return (items, scores) if return_scores else items
+
+    # ------------------------------------------------------------------ serving: new items, anonymous users
+
+    accepts_user_text = True  # recommend() takes user_texts (serving engine)
+    item_coder = None  # ttds.serve.new_items.TextCoder: a new item's text -> vector -> base codes (set when served)
+    user_coder = None  # the same for an anonymous user's text (None: no user ID for anonymous users)
+
+    @property
+    def supports_new_items(self) -> bool:
+        return self.item_coder is not None
+
+    def add_item(self, fields: dict[str, str]) -> int:
+        """A new item, without retraining: text vector and base codes from `item_coder`, then a free
+        semantic ID; the index, trie and prompt codec are extended (`set_index`). Returns its id (the
+        old n_items). Raises TTDSError when its ID does not fit the model's fixed token space."""
+        if self.item_coder is None:
+            raise TTDSError("model: no item coder attached (serving attaches one: ttds.serve.new_items.attach)")
+        return self.add_item_vector(self.item_coder.item_vector(fields))
+
+    def add_item_vector(self, x: torch.Tensor) -> int:
+        item = self.add_item_codes(self.item_coder.base_codes(x, self.item_index))
+        self.item_coder.remember(x)
+        return item
+
+    def add_item_codes(self, base_codes) -> int:
+        """Append an item with these base codes and the first free disambiguation code (TTDS rule)."""
+        codes = self._new_id(self.item_index, base_codes)
+        self.set_index(SemanticIndex(codes, self.item_index.level_sizes, self.item_index.prefixes, "item"), self.user_index)
+        return self.n_items - 1
+
+    @staticmethod
+    def _new_id(index: SemanticIndex, base_codes) -> np.ndarray:
+        """All codes of `index` plus the new entity's row; TTDSError when a code exceeds its level's size."""
+        from ttds.serve.engine import assign_new_id
+
+        codes, sizes = assign_new_id(index, base_codes)
+        full = [l for l, (s, k) in enumerate(zip(sizes, index.level_sizes)) if s > k]
+        if full:
+            l, row = full[0], codes[-1]
+            prefix = "".join(index.token(j, c) for j, c in enumerate(row[:l]))
+            raise TTDSError(f"new {index.tower}: its semantic ID needs {index.token(l, row[l])}, but level {l} of the model's "
+                            f"token space has {index.level_sizes[l]} codes: the level is full after the prefix {prefix} "
+                            "(retrain or re-index to grow it)")
+        return codes
+
+    def anonymous_user_tokens(self, text: str | None) -> np.ndarray | None:
+        """Unified ID tokens for a user outside the index, from their text (None: no user ID)."""
+        if not text or self.user_coder is None or self.user_index is None:
+            return None
+        base = self.user_coder.base_codes(self.user_coder.vector(text), self.user_index)
+        try:
+            row = self._new_id(self.user_index, base)[-1]
+        except TTDSError:  # the disambiguation level is full here: the user's base codes with its code 0
+            row = np.append(base, 0)[: self.user_index.n_levels]
+        return self.id_tokens("user", row[None])[0]

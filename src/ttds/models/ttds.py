@@ -164,6 +164,15 @@ class TTDSRecommender(GenerativeRecommender):
             if user_index is not None:
                 self.user_codes = torch.as_tensor(user_index.codes, device=self.user_codes.device)
 
+    def add_item_vector(self, x: torch.Tensor) -> int:
+        """A new item (serving, see `GenerativeRecommender.add_item`): its codes come from the item tower's
+        tokenizer applied to X = f(C) of the served backbone; the tower keeps that X, so a later
+        re-assignment includes the item."""
+        item = super().add_item_vector(x)
+        t = self.towers["item"]
+        t.x = torch.cat([t.x, x.to(t.x)])
+        return item
+
     def index_from_buffers(self) -> None:
         """After loading weights: re-install the index the checkpoint carries."""
         def idx(tower, codes):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ttds.errors import TTDSError
-from ttds.serve.engine import NewItemsUnsupported
+from ttds.serve.engine import NewItemConflict, NewItemsUnsupported
 from ttds.serve.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def create_app(engine, store=None, max_body_bytes: int = 64 * 1024, max_batch: i
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(503, f"{what}: the model queue did not answer within {timeout_s:.0f} s", None) from None
-        except NewItemsUnsupported as e:
+        except (NewItemsUnsupported, NewItemConflict) as e:
             raise ApiError(409, str(e), None) from None
         except TTDSError as e:
             raise ApiError(422, str(e), "body") from None

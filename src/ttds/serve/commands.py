@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from ttds.serve.precompute import precompute
         from ttds.serve.store import open_store
 
-        engine = load_engine(model, data, device, exclude_seen, threads)
+        engine = load_engine(model, data, device, exclude_seen, threads, new_items=False)
         st = open_store(store)
         try:
             out = precompute(engine, st, k, batch_size)

@@ -4,21 +4,24 @@
 (`recommend(users, history, k) -> LongTensor[B, k]` or `scores(users, history) -> [B, n_items]`,
 history left-padded with PAD=-1) plus the dataset it was trained on (item text, user histories).
 
-New items (POST /v1/items) — the ADAPTER POINT for the generative model:
-a model that can take new items without retraining implements
+New items (POST /v1/items): a model that can take new items without retraining implements
 
     add_item(fields: dict[str, str]) -> int        # new item id (== the old n_items)
     index or item_index: SemanticIndex             # item semantic IDs, including the new item
+    supports_new_items: bool                       # optional (default: has add_item)
 
-i.e. it encodes the item text with its backbone, quantises it with its item tower, resolves a collision
-with `assign_new_id` below (TTDS rule: one more disambiguation code), extends its prefix trie (and the
-ID-token vocabulary when a code is new) so constrained beam search can produce the new ID, and from then
-on returns scores over (or recommends from) n_items + 1 items. Models without `add_item` (item-ID models
-such as SASRec) are served as they are, and POST /v1/items answers 409.
+i.e. it encodes the item text, quantises it with its item tower, resolves a collision with
+`assign_new_id` below (TTDS rule: the first free disambiguation code), extends its prefix trie so
+constrained beam search can produce the new ID, and from then on recommends from n_items + 1 items.
+The generative models do (`GenerativeRecommender.add_item`, with the coders of `ttds.serve.new_items`);
+a TTDSError from add_item (e.g. a full disambiguation level) answers 409, and so does a model with a
+fixed item vocabulary (SASRec and the other item-ID models).
+`recommend(..., return_scores=True)` (when the model accepts it) gives each item's score with it.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import threading
 from pathlib import Path
@@ -35,7 +38,11 @@ Rec = tuple[int, "float | None"]  # (item id, score; None when the model only ra
 
 
 class NewItemsUnsupported(TTDSError):
-    """The served model has a fixed item vocabulary."""
+    """The served model has a fixed item vocabulary (HTTP 409)."""
+
+
+class NewItemConflict(TTDSError):
+    """The new item cannot be given an ID, e.g. its disambiguation level is full (HTTP 409)."""
 
 
 class ServingEngine(Protocol):
@@ -106,9 +113,13 @@ class RecommenderEngine:
         self.model, self.ds, self.model_version = model, ds, version
         self.max_history, self.exclude_history, self.device = max_history, exclude_history, device
         self.n_users = ds.n_users
-        self.supports_new_items = hasattr(model, "add_item")
+        self._return_scores = "return_scores" in inspect.signature(model.recommend).parameters if hasattr(model, "recommend") else False
         self._fields = {f: list(ds.item_text[f]) for f in TEXT_FIELDS}
         self._lock = threading.Lock()  # guards the item tables while an item is being added
+
+    @property
+    def supports_new_items(self) -> bool:
+        return bool(getattr(self.model, "supports_new_items", hasattr(self.model, "add_item")))
 
     @property
     def n_items(self) -> int:
@@ -145,7 +156,10 @@ class RecommenderEngine:
                 f"model {type(self.model).__name__} has a fixed item vocabulary: new items need retraining"
             )
         fields = {f: str(fields.get(f) or "") for f in TEXT_FIELDS}
-        item = int(self.model.add_item(fields))  # ADAPTER POINT: item tower -> semantic ID -> trie (module docstring)
+        try:
+            item = int(self.model.add_item(fields))  # ADAPTER POINT: item tower -> semantic ID -> trie (module docstring)
+        except TTDSError as e:
+            raise NewItemConflict(str(e)) from None
         if item != self.n_items:
             raise RuntimeError(f"model.add_item returned item {item}, expected the next id {self.n_items}")
         with self._lock:
@@ -178,6 +192,8 @@ class RecommenderEngine:
                 idx, val = top.indices.tolist(), top.values.tolist()  # plain lists: per-element tensor access is slow
                 return [[(i, v) for i, v in zip(ri, rv) if v != float("-inf")] for ri, rv in zip(idx, val)]
             want = min(n, k + (max((len(x) for x in seen), default=0)))
+            if self._return_scores:
+                kwargs["return_scores"] = True
             res = self.model.recommend(users_t.to(self.device), hist_t.to(self.device), want, **kwargs)
             items, scores = res if isinstance(res, tuple) else (res, None)
             items = items.cpu().tolist()
@@ -195,8 +211,12 @@ class RecommenderEngine:
         return out
 
 
-def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_history: bool = True, threads: int = 0) -> RecommenderEngine:
+def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_history: bool = True, threads: int = 0,
+                new_items: bool = True) -> RecommenderEngine:
     """A trained model folder (any recipe, via `ttds.recipes.load_model`) + its dataset -> a RecommenderEngine.
+
+    `new_items`: give a generative model its item / user coders (`ttds.serve.new_items`), so that it
+    takes new items and anonymous users' text (pre-compute does not need them).
 
     `threads` > 0 sets torch's intra-op threads (serving on a busy CPU: 1 thread avoids oversubscription,
     which costs a small model 100x at batch 1 when the cores are shared)."""
@@ -217,6 +237,10 @@ def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_h
         raise TTDSError(f"--data {data}: {ds.n_items} items, but the model in {root} was trained on {n}")
     if hasattr(model, "eval"):
         model.eval()
+    if new_items and hasattr(model, "item_coder"):
+        from ttds.serve.new_items import attach
+
+        attach(model, cfg, root, ds, device)
     max_history = int((cfg.get("data") or {}).get("max_history") or 20)
     engine = RecommenderEngine(model, ds, model_version(root), max_history, exclude_history, device)
     log.info("serving %s: %d users, %d items", engine.model_version, ds.n_users, ds.n_items)

@@ -66,8 +66,13 @@ class PromptCodec:
         self._cache[s] = ids
         return ids
 
-    def user(self, u: int) -> list[np.ndarray]:
-        if self.user_tokens is None:
+    def user(self, u) -> list[np.ndarray]:
+        """`u`: a user id; or the unified ID tokens (np.ndarray) of a user outside the index (an anonymous
+        user whose ID the user tower assigned from their text); or None / a negative id (PAD): an unknown
+        user without an ID, rendered "the user" as by a model without a user tower."""
+        if isinstance(u, np.ndarray):
+            return [self.text("user"), u]
+        if self.user_tokens is None or u is None or u < 0:
             return [self.text("the user")]
         return [self.text("user"), self.user_tokens[u]]
 
@@ -95,8 +100,8 @@ class PromptCodec:
             parts.append(self.text(template[pos:]))
         return np.concatenate(parts)
 
-    def seqrec_prompt(self, user: int, history, template: int = 0) -> np.ndarray:
-        """The evaluation prompt: template + user + history; the next tokens are the answer."""
+    def seqrec_prompt(self, user, history, template: int = 0) -> np.ndarray:
+        """The evaluation prompt: template + user (see `user`) + history; the next tokens are the answer."""
         return np.concatenate([self.render(T.SEQREC[template], user=user), self.items(history)])
 
 
