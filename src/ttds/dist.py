@@ -79,6 +79,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def env_rank() -> int:
+    """This process's rank from the torchrun environment (valid before and after the group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -214,16 +219,18 @@ class Method(nn.Module):
         return getattr(self.model, self.method)(*args, **kwargs)
 
 
-def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = False, fsdp: bool = False) -> nn.Module:
-    """A module whose call runs `model.<method>`: DDP (or FSDP2) over it in a process group, the plain
-    wrapper otherwise. Keep using `model` itself for state_dict, evaluation and checkpoints.
+def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = False, fsdp: bool = False,
+         module: nn.Module | None = None, broadcast_buffers: bool = True) -> nn.Module:
+    """A module whose call runs `model.<method>` (or `module`, a module holding `model`, e.g. a step's loss): DDP
+    (or FSDP2) over it in a process group, the plain module otherwise. Keep using `model` itself for evaluation.
     `find_unused`: the recipe's default for DDP's find_unused_parameters (config dist.find_unused_parameters wins).
     `fsdp`: the recipe supports dist.strategy=fsdp, i.e. it builds its optimizer AFTER wrapping (FSDP2 replaces the
-    parameters by sharded DTensors), saves `full_state_dict(model)` and evaluates inside `unsharded_params(net)`."""
+    parameters by sharded DTensors), saves full tensors (`full_tensor`) and evaluates inside `unsharded_params(net)`.
+    `broadcast_buffers`: DDP re-sends rank 0's buffers before every forward (False when the recipe keeps them equal)."""
     from ttds.config import section
 
     dc = section(cfg, "dist", DistConfig)
-    net = Method(model, method)
+    net = module if module is not None else Method(model, method)
     if not active():
         return net
     if dc.strategy == "fsdp":
@@ -231,6 +238,8 @@ def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = 
 
         if not fsdp:
             raise TTDSError(f"config dist.strategy=fsdp: recipe {cfg.get('recipe')!r} does not support FSDP yet; use dist.strategy=ddp")
+        for t in model.state_dict().values():  # rank 0's weights everywhere (DDP does this itself; FSDP shards what it gets)
+            tdist.broadcast(t, 0)
         for m in model.modules():  # shard every transformer block, then the rest at the root
             if m.__class__.__name__.endswith(("DecoderLayer", "Layer", "Block")) and m is not model:
                 fully_shard(m)
@@ -238,7 +247,8 @@ def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = 
     dev = next(model.parameters()).device
     ids = [dev.index] if dev.type == "cuda" else None
     unused = find_unused if dc.find_unused_parameters is None else bool(dc.find_unused_parameters)
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused,
+                                               broadcast_buffers=broadcast_buffers)
 
 
 def average_gradients(model: nn.Module) -> None:
@@ -287,11 +297,35 @@ def unsharded_params(net: nn.Module):
             m.reshard()
 
 
-def full_state_dict(model: nn.Module) -> dict:
-    """The whole model's state on every rank (FSDP-sharded parameters are gathered to full CPU tensors)."""
+def is_sharded(t) -> bool:
+    """An FSDP2-sharded tensor (a DTensor)?"""
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for a sharded one; others are returned as they are)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's state on every rank (FSDP-sharded parameters are gathered to full tensors)."""
+    return {k: full_tensor(v) for k, v in model.state_dict().items()}
+
+
+def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After `opt.load_state_dict` of FULL tensors (a checkpoint): each state tensor of a sharded parameter
+    becomes that parameter's shard on this rank (FSDP2). A no-op without sharded parameters."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and not is_sharded(v) and tuple(v.shape) == tuple(p.shape):
+                    opt.state[p][k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
 
 
 # ---------------------------------------------------------------- collectives (no pickle: tensors + JSON bytes)

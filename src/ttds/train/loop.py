@@ -1,0 +1,492 @@
+"""The one training loop of the LM recipes: `generative` (TTSS, LC-Rec, TIGER) and `dynamic` (TTDS).
+
+    class MyTrainer(LMTrainer):          # a recipe overrides a few hooks
+        def param_groups(self): ...
+    metrics = MyTrainer(cfg, ds, out, split, model, device, load_fn).fit()
+
+One optimizer step = `train.grad_accum` length-bucketed micro-batches of the epoch's task-mix examples
+(`epoch_batches`: the same seed gives the same batches on every rank and after a resume). Under torchrun
+every GLOBAL micro-batch is split over the ranks (`dist.shard`) and the losses are token-weighted so that
+N ranks take the same step as one process. AdamW with warm-up + cosine, gradient clipping, tokens/s and
+MFU in the log, validation NDCG@10 (beam search on a fixed user sample) every `train.eval_every` epochs
+or `train.eval_steps` steps with early stopping (`train.patience`), budgets `train.max_steps` and
+`train.max_minutes`. last.safetensors (weights + optimizer + RNG + trainer state, one atomic file written
+by rank 0) after each validation and epoch: the same command resumes exactly, on any world size.
+
+Hooks (override in a recipe; all optional but `param_groups`):
+    param_groups()     the AdamW groups: dicts with params, lr, base_lr, name
+    extra_state()      the recipe's fields of the trainer state (kept in checkpoints and state.json)
+    on_resume()        after a checkpoint was loaded
+    before_step()      e.g. freeze / unfreeze parameter groups
+    set_lr()           this step's learning rates (default: warm-up + cosine); returns the multiplier
+    extra_loss()       (loss, parts) added to the last micro-batch of a step, INSIDE the wrapped forward
+                       (so DDP / FSDP synchronise its gradients too); parts are floats to log, averaged over ranks
+    after_step(parts)  True when the task data changed (the rest of the epoch is rebuilt with the same order)
+    on_epoch_end()     after the epoch's validation
+    on_best()          rank 0, after a new best model.safetensors was written
+    extra_metrics()    the recipe's fields of metrics.json
+
+Distributed: `dist.strategy: ddp` (default) or `fsdp` (FSDP2: parameters, gradients and optimizer state
+sharded; checkpoints gather full tensors, so a run moves between strategies and world sizes). Code that
+uses the parameters outside the forward (validation, re-assignment) runs inside `self.full_params()`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ttds import dist
+from ttds.config import section
+from ttds.data.dataset import EvalSet, RecDataset, Split, leave_one_out
+from ttds.errors import TTDSError
+from ttds.eval.evaluator import evaluate
+from ttds.io import load_safetensors, read_json, save_safetensors, write_json
+from ttds.runtime import machine_info, peak_rss_mb, start_run
+from ttds.tasks import templates
+from ttds.tasks.builders import TaskConfig, TaskData, build_epoch
+from ttds.train.classic import _load_optim, _optim_tensors
+from ttds.train.engine import bucket_batches, collate, dense_peak_flops, train_flops_per_token, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenTrainConfig:
+    epochs: int = 10
+    batch_size: int = 32  # sequences per GLOBAL micro-batch (all ranks together)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_tokens: int = 0  # cap on padded tokens per micro-batch (0 = none)
+    lr: float = 1e-4  # backbone
+    id_lr: float = 1e-3  # new parameters: ID embeddings, ID bias, head transform
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 3  # validations without improvement before stopping
+    eval_every: int = 1  # epochs between validations (used when eval_steps = 0)
+    eval_steps: int = 0  # optimizer steps between validations (0 = by epochs)
+    valid_users: int = 2000  # validation on a fixed random sample of users (0 = all)
+    checkpoint_steps: int = 0  # steps between last.safetensors saves (0 = at validations / epoch ends)
+    max_minutes: float = 0.0  # training wall-clock budget (0 = none)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = none)
+    log_steps: int = 20
+    precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: CPUs without bf16 units run it ~100x slower)
+    freeze_word_embeddings: bool = True  # the pretrained word table (half of MiniLM) stays fixed: faster steps
+
+
+@dataclass
+class GenEvalConfig:
+    ks: list = field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 1024  # users handed to recommend() at once
+    mask_seen: bool = False
+    beam: int = 20
+    beam_batch: int = 32  # users per beam-search forward (x beam sequences)
+    template: int = 0  # the fixed template of the reported numbers
+    template_mean_users: int = 2000  # test users for the mean over all templates (0 = all, -1 = skip)
+    final_valid: bool = True  # also evaluate the best model on every validation user at the end
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def weights(model: nn.Module) -> dict:
+    """state_dict without tied duplicates (BERT's LM-head decoder shares the word embeddings):
+    safetensors refuses shared storage, and loading the first name restores the tie.
+    FSDP-sharded tensors are gathered to full ones, so under FSDP every rank must call this."""
+    out, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if dist.is_sharded(v):
+            key = id(v)  # a shard's storage says nothing about ties; the parameter object does
+        else:
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            out[k] = dist.full_tensor(v).detach()
+    return out
+
+
+def load_weights(model: nn.Module, tensors: dict) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    dropped = set(model.state_dict()) - set(weights(model))
+    if unexpected or set(missing) - dropped:
+        raise TTDSError(f"checkpoint does not match the model: missing {sorted(set(missing) - dropped)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+
+
+def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """One atomic file: weights + optimizer + torch RNG, the trainer state in its metadata; state.json beside it.
+    Call on every rank (FSDP gathers the shards); rank 0 writes."""
+    otensors, ometa = _optim_tensors(opt)
+    tensors = {f"model.{k}": v for k, v in weights(model).items()}
+    tensors.update({k: dist.full_tensor(v) for k, v in otensors.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    if dist.is_main():
+        save_safetensors(out / "last.safetensors", tensors, {"state": json.dumps(state), "optim": json.dumps(ometa)})
+        write_json(out / "state.json", state)
+
+
+def read_checkpoint(out: Path) -> tuple[dict, dict, dict]:
+    """(tensors, optimizer metadata, trainer state) of out/last.safetensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "last.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    return load_safetensors(out / "last.safetensors"), json.loads(meta["optim"]), json.loads(meta["state"])
+
+
+def load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Weights, optimizer state and torch RNG from out/last.safetensors; returns the trainer state."""
+    tensors, ometa, state = read_checkpoint(out)
+    load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _load_optim(opt, tensors, ometa)
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
+
+
+def finished(out: Path) -> bool:
+    """A run folder whose training and test evaluation are complete (metrics.json written)."""
+    return (out / "metrics.json").is_file() and (out / "state.json").is_file() and bool(read_json(out / "state.json").get("done"))
+
+
+def start(cfg: dict, ds: RecDataset, out_dir: Path) -> tuple[Path, torch.device, Split | None]:
+    """A recipe's first lines: the run folder (config.yaml, run.log, seeds), the torchrun process group and this
+    rank's device, and the leave-one-out split (None when the run is already finished: metrics.json is its result)."""
+    out = Path(out_dir)
+    device = dist.setup(cfg, start_run(cfg, out))
+    if finished(out):
+        log.info("%s: already trained (metrics.json); delete the folder to retrain", out)
+        return out, device, None
+    return out, device, leave_one_out(ds, int(cfg["data"]["max_history"]))
+
+
+# ---------------------------------------------------------------- small pieces
+
+
+def epoch_batches(data: TaskData, task_cfg: TaskConfig, tc: GenTrainConfig, seed: int, epoch: int):
+    """The epoch's task-mix examples and length-bucketed micro-batches. A fixed RNG stream per epoch: every
+    rank, a resumed run and a rebuild after a code re-assignment (an ID keeps its length) get the same batches."""
+    rng = np.random.default_rng([seed, epoch])
+    examples = build_epoch(data, task_cfg, rng)
+    return examples, bucket_batches(examples, tc.batch_size, rng, tc.max_tokens)
+
+
+def sample_users(ev: EvalSet, n: int, seed: int) -> EvalSet:
+    """A fixed random sample of `n` users of an evaluation set (all when n = 0 or n >= its size)."""
+    if not n or n >= len(ev):
+        return ev
+    idx = np.sort(np.random.default_rng(seed).choice(len(ev), n, replace=False))
+    return EvalSet(ev.users[idx], ev.history[idx], ev.target[idx])
+
+
+def template_mean(model, ev: EvalSet, ec: GenEvalConfig, ks, device, seed: int) -> dict:
+    """Metrics averaged over every sequential-recommendation template (on a fixed user sample)."""
+    sample = sample_users(ev, ec.template_mean_users, seed + 7)
+    per = []
+    keep = model.eval_template
+    for t in range(len(templates.SEQREC)):
+        model.eval_template = t
+        per.append(evaluate(model, sample, ec.batch_size, ks, ec.mask_seen, device, progress=False, desc=f"template {t}"))
+    model.eval_template = keep
+    keys = [k for k in per[0] if k.startswith(("HR", "NDCG", "MRR"))]
+    return {"n": len(sample), "templates": len(per), **{k: float(np.mean([p[k] for p in per])) for k in keys},
+            "per_template": [{k: round(p[k], 5) for k in keys} for p in per]}
+
+
+class StepLoss(nn.Module):
+    """The forward DDP / FSDP wrap: a micro-batch's weighted LM loss, plus the recipe's extra loss on the last
+    micro-batch of the step. Returns (LM loss, loss to backpropagate, extra parts)."""
+
+    def __init__(self, model: nn.Module, extra_loss):
+        super().__init__()
+        self.model = model
+        self.extra_loss = extra_loss
+
+    def forward(self, ids, attn, labels, weight: float, last: bool):
+        lm = self.model.loss(ids, attn, labels) * weight
+        extra = self.extra_loss() if last else None
+        if extra is None:
+            return lm, lm, {}
+        return lm, lm + extra[0], extra[1]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class LMTrainer:
+    def __init__(self, cfg: dict, ds: RecDataset, out: Path, split: Split, model: nn.Module, device, load_fn):
+        self.cfg, self.ds, self.out, self.split, self.model, self.device = cfg, ds, Path(out), split, model, device
+        self.load_fn = load_fn  # out_dir, device -> the best model of the run (the recipe's `load`)
+        self.tc = section(cfg, "train", GenTrainConfig)
+        self.ec = section(cfg, "eval", GenEvalConfig)
+        self.task_cfg = section(cfg, "tasks", TaskConfig)
+        self.seed = int(cfg.get("seed", 0))
+        self.ks = tuple(self.ec.ks)
+        self.max_hist = int(cfg["data"]["max_history"])
+        self.valid = sample_users(split.valid, self.tc.valid_users, self.seed)
+        self.data: TaskData | None = None
+        if self.tc.precision not in ("fp32", "bf16"):
+            raise TTDSError(f"config train.precision={self.tc.precision!r}: expected fp32 or bf16")
+        if self.tc.precision == "bf16" and device.type == "cpu":
+            log.warning("train.precision=bf16 on a CPU: only useful with bf16 hardware (see NOTES: <1 GFLOP/s here)")
+
+    # ------------------------------------------------------------ hooks (see the module doc)
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def on_resume(self) -> None:
+        pass
+
+    def before_step(self) -> None:
+        pass
+
+    def set_lr(self) -> float:
+        mult = warmup_cosine(self.state["step"], self.total_steps, self.tc.warmup_steps, self.tc.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        return mult
+
+    def extra_loss(self) -> tuple[torch.Tensor, dict] | None:
+        return None
+
+    def after_step(self, parts: dict) -> bool:
+        return False
+
+    def on_epoch_end(self) -> None:
+        pass
+
+    def on_best(self) -> None:
+        pass
+
+    def extra_metrics(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------ helpers for recipes
+
+    def full_params(self):
+        """Context: the full parameters on every rank (FSDP), for code that bypasses the forward."""
+        return dist.unsharded_params(self.net)
+
+    def new_task_data(self, buyers=None) -> TaskData:
+        """The task data with the model's current IDs (`buyers`: reuse the item -> users lists of the previous one)."""
+        return TaskData(self.ds, self.split.train, self.model.codec, self.max_hist, buyers if buyers is not None else [])
+
+    # ------------------------------------------------------------ the loop
+
+    def setup(self) -> None:
+        """Freeze, resume the weights, wrap (DDP / FSDP), build the optimizer, resume its state."""
+        tc, out, model = self.tc, self.out, self.model
+        if tc.freeze_word_embeddings:
+            model.word_embeddings().requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+        self.state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best": -1.0, "best_step": 0, "bad": 0, "train_seconds": 0.0,
+                      "valid_seconds": 0.0, "tokens": 0, "history": [], "done": False, "stopped": "", **self.extra_state()}
+        ckpt = read_checkpoint(out) if (out / "last.safetensors").is_file() else None
+        if ckpt is not None:  # weights before wrapping (FSDP shards what it is given), optimizer state after
+            load_weights(model, {k[6:]: v for k, v in ckpt[0].items() if k.startswith("model.")})
+        self.net = dist.wrap(model, self.cfg, module=StepLoss(model, self.extra_loss), find_unused=True, fsdp=True,
+                             broadcast_buffers=False)  # buffers (codes, X) are kept equal by the recipe
+        self.opt = torch.optim.AdamW([g for g in self.param_groups() if g["params"]], weight_decay=tc.weight_decay)
+        if ckpt is not None:
+            tensors, ometa, self.state = ckpt
+            _load_optim(self.opt, tensors, ometa)
+            dist.shard_optimizer_state(self.opt)  # FSDP: full tensors of the file -> this rank's shards
+            torch.set_rng_state(tensors["rng.torch"])
+            log.info("resuming %s at epoch %d step %d (best valid NDCG@10 %.4f)", out, self.state["epoch"], self.state["step"],
+                     self.state["best"])
+            if self.state["stopped"] in ("max_steps", "budget", "epochs"):  # a larger budget continues the run
+                self.state["done"], self.state["stopped"] = False, ""
+            self.on_resume()
+        self.data = self.new_task_data()
+        # schedule length from the first epoch's batch count (the task mix is re-sampled each epoch)
+        n_batches = len(bucket_batches(build_epoch(self.data, self.task_cfg, np.random.default_rng([self.seed, 0])), tc.batch_size,
+                                       np.random.default_rng(0), tc.max_tokens))
+        self.total_steps = max(1, tc.epochs * math.ceil(n_batches / tc.grad_accum))
+        self.peak = dense_peak_flops()
+        self.flops_tok = None
+        self.budget = tc.max_minutes * 60 if tc.max_minutes else math.inf
+
+    def save(self) -> None:
+        save_checkpoint(self.out, self.model, self.opt, self.state)
+
+    def validate(self) -> None:
+        s, ec = self.state, self.ec
+        t = time.perf_counter()
+        with self.full_params():
+            val = evaluate(self.model, self.valid, ec.batch_size, self.ks, ec.mask_seen, self.device, desc="valid")
+        s["valid_seconds"] += time.perf_counter() - t
+        score = val["NDCG@10"] if "NDCG@10" in val else val[f"NDCG@{max(self.ks)}"]
+        if score > s["best"]:  # every rank has the same (gathered) metrics, so they all take this branch
+            s["best"], s["best_step"], s["bad"] = score, s["step"], 0
+            best = weights(self.model)  # on every rank: FSDP gathers the shards
+            if dist.is_main():
+                save_safetensors(self.out / "model.safetensors", best)
+                self.on_best()
+            dist.barrier()  # every rank sees the files before it checks for them
+        else:
+            s["bad"] += 1
+        s["history"].append({"step": s["step"], "epoch": s["epoch"], "train_seconds": round(s["train_seconds"], 1),
+                             "valid": {k: round(v, 5) for k, v in val.items() if k.startswith(("HR", "NDCG"))}})
+        log.info("step %d: valid NDCG@10 %.4f HR@10 %.4f (best %.4f @ step %d), %.1fs", s["step"], score, val.get("HR@10", 0),
+                 s["best"], s["best_step"], time.perf_counter() - t)
+        if s["bad"] >= self.tc.patience:
+            s["done"], s["stopped"] = True, "patience"
+        self.model.train()
+
+    def step(self, examples, batches) -> tuple[float, int, dict, float]:
+        """One optimizer step over the next `grad_accum` global micro-batches: (loss, tokens, extra parts, lr multiplier)."""
+        s, tc, device = self.state, self.tc, self.device
+        t0 = time.perf_counter()
+        self.before_step()
+        first = s["step_in_epoch"] * tc.grad_accum
+        group = batches[first:first + tc.grad_accum]
+        n_tgt = {i: int(examples[i].target[1:].sum()) for b in group for i in b}
+        total_tgt = max(1, sum(n_tgt.values()))
+        loss_sum, tokens, parts = 0.0, 0, {}
+        for j, b in enumerate(group):
+            part, factor = dist.shard(b, n_tgt)  # this rank's part of the global micro-batch
+            ids, attn, labels = (x.to(device) for x in collate([examples[i] for i in part]))
+            w = factor * sum(n_tgt[i] for i in b) / total_tgt  # token-weighted mean over the accumulated batches
+            last = j == len(group) - 1
+            with dist.no_sync(self.net, last), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                lm, loss, p = self.net(ids, attn, labels, w, last)
+                loss.backward()
+            loss_sum += lm.item()
+            tokens += int(attn.sum())
+            parts.update(p)
+        loss_sum, tokens = dist.mean(loss_sum), int(dist.all_reduce(tokens))  # the global step's loss and tokens
+        parts = {k: dist.mean(v) for k, v in sorted(parts.items())}
+        mult = self.set_lr()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], tc.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        s["step"] += 1
+        s["step_in_epoch"] += 1
+        s["tokens"] += tokens
+        s.setdefault("losses", []).append(loss_sum)
+        s["train_seconds"] += time.perf_counter() - t0
+        return loss_sum, tokens, parts, mult
+
+    def fit(self) -> dict:
+        self.setup()
+        s, tc = self.state, self.tc
+        model = self.model
+        log.info("%s on %s: %d items (ID levels %s), users %s, %.1fM trainable params, %d steps planned, %d process(es), "
+                 "dense matmul peak %.1f GFLOP/s", type(self).__name__, self.ds.name, model.item_index.n, model.item_index.level_sizes,
+                 model.user_index.level_sizes if model.user_index is not None else "off",
+                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, self.total_steps, dist.world(), self.peak / 1e9)
+        while not s["done"]:
+            epoch = s["epoch"]
+            if epoch >= tc.epochs:
+                s["done"], s["stopped"] = True, s["stopped"] or "epochs"
+                break
+            examples, batches = epoch_batches(self.data, self.task_cfg, tc, self.seed, epoch)
+            if self.flops_tok is None:
+                mean_len = float(np.mean([len(e.tokens) for e in examples]))
+                self.flops_tok = train_flops_per_token(model, int(mean_len))
+                log.info("%d examples (%d batches), mean length %.0f tokens, %.2f MFLOP/token (training)", len(examples),
+                         len(batches), mean_len, self.flops_tok / 1e6)
+            steps_in_epoch = math.ceil(len(batches) / tc.grad_accum)
+            model.train()
+            bar = tqdm(total=steps_in_epoch, initial=s["step_in_epoch"], desc=f"epoch {epoch + 1}", unit="step", leave=False,
+                       disable=not dist.is_main())
+            win = {"t": time.perf_counter(), "tok": 0, "loss": 0.0, "n": 0, "parts": {}}
+            while s["step_in_epoch"] < steps_in_epoch and not s["done"]:
+                loss, tokens, parts, mult = self.step(examples, batches)
+                win["tok"], win["loss"], win["n"] = win["tok"] + tokens, win["loss"] + loss, win["n"] + 1
+                for k, v in parts.items():
+                    win["parts"][k] = win["parts"].get(k, 0.0) + v
+                bar.update(1)
+                if win["n"] >= tc.log_steps or s["step_in_epoch"] == steps_in_epoch:
+                    el = time.perf_counter() - win["t"]
+                    mfu = self.flops_tok * win["tok"] / el / self.peak
+                    extra = {k: v / win["n"] for k, v in win["parts"].items()}
+                    bar.set_postfix(loss=f"{win['loss'] / win['n']:.4f}", **{k: f"{v:.3f}" for k, v in extra.items()},
+                                    tok_s=f"{win['tok'] / el:.0f}", mfu=f"{mfu:.0%}")
+                    log.info("epoch %d step %d: loss %.4f%s, %.0f tokens/s, MFU %.1f%%, lr x%.3f", epoch + 1, s["step"],
+                             win["loss"] / win["n"], "".join(f", {k} {v:.4f}" for k, v in extra.items()), win["tok"] / el,
+                             100 * mfu, mult)
+                    s.setdefault("mfu", []).append(round(mfu, 4))
+                    win = {"t": time.perf_counter(), "tok": 0, "loss": 0.0, "n": 0, "parts": {}}
+                if tc.max_steps and s["step"] >= tc.max_steps:
+                    s["done"], s["stopped"] = True, "max_steps"
+                if self.budget < math.inf and dist.any_rank(s["train_seconds"] >= self.budget):
+                    s["done"], s["stopped"] = True, "budget"
+                if self.after_step(parts):  # e.g. codes re-assigned mid-epoch: the rest of the epoch with the new IDs, same order
+                    examples, batches = epoch_batches(self.data, self.task_cfg, tc, self.seed, epoch)
+                if tc.eval_steps and s["step"] % tc.eval_steps == 0:
+                    self.validate()
+                    self.save()
+                elif tc.checkpoint_steps and s["step"] % tc.checkpoint_steps == 0:
+                    self.save()
+            bar.close()
+            if s["step_in_epoch"] >= steps_in_epoch:
+                s["epoch"], s["step_in_epoch"] = epoch + 1, 0
+                if not tc.eval_steps and (s["epoch"] % tc.eval_every == 0 or s["epoch"] >= tc.epochs):
+                    self.validate()
+                self.on_epoch_end()
+            self.save()
+        if not (self.out / "model.safetensors").is_file():
+            self.validate()
+        self.save()
+        dist.barrier()  # model.safetensors and last.safetensors are written
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Test (and full validation) metrics of the best model; metrics.json and the final state.json."""
+        s, ec, ks, device = self.state, self.ec, self.ks, self.device
+        best = self.load_fn(self.out, device)
+        t = time.perf_counter()
+        test = evaluate(best, self.split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test")
+        test_seconds = time.perf_counter() - t
+        valid_full = evaluate(best, self.split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid") if ec.final_valid else \
+            next(({**h["valid"], "n": len(self.valid)} for h in s["history"] if h["step"] == s["best_step"]), {})
+        metrics = {
+            "model": self.cfg.get("name") or self.cfg.get("recipe"),
+            "dataset": self.ds.name,
+            "test": {k: v for k, v in test.items() if k != "eval_seconds"},
+            "valid": {k: v for k, v in valid_full.items() if k != "eval_seconds"},
+            "eval_template": ec.template,
+            "steps": s["step"],
+            "best_step": s["best_step"],
+            "best_epoch": next((h["epoch"] for h in s["history"] if h["step"] == s["best_step"]), s["epoch"]),
+            "epochs": s["epoch"],
+            "stopped": s["stopped"],
+            "world_size": dist.world(),
+            "train_seconds": round(s["train_seconds"], 1),
+            "valid_seconds": round(s["valid_seconds"], 1),
+            "test_eval_seconds": round(test_seconds, 1),
+            "eval_seconds": round(test_seconds, 1),
+            "seconds_per_epoch": round(s["train_seconds"] / max(1, s["epoch"]), 1),
+            "train_tokens_per_second": round(s["tokens"] / max(s["train_seconds"], 1e-9), 1),
+            "train_flops_per_token": self.flops_tok,
+            "dense_peak_flops": self.peak,
+            "mfu": round(float(np.median(s["mfu"])), 4) if s.get("mfu") else None,
+            "valid_history": s["history"],
+            **self.extra_metrics(),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "machine": machine_info(),
+            "protocol": "leave-one-out, full ranking over all items (trie-constrained beam search), seen items not masked",
+        }
+        if ec.template_mean_users >= 0:
+            metrics["test_template_mean"] = template_mean(best, self.split.test, ec, ks, device, self.seed)
+        s["done"] = True
+        if dist.is_main():
+            write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "state.json", s)
+        dist.barrier()
+        return metrics
