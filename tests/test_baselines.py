@@ -146,3 +146,34 @@ def test_stop_file_ends_the_run_gracefully(tmp_path, tiny):
     m = classic.train(cfg, tiny, out)
     assert m["epochs"] == 1 and m["stopped"] == "budget" and "NDCG@10" in m["test"]
     assert m["valid"]["NDCG@10"] == pytest.approx(json.loads((out / "state.json").read_text())["best"])
+
+
+@pytest.mark.parametrize("positions,consistent", [("start", True), ("end", False)])
+def test_sasrec_window_positions_match_inference(positions, consistent, tiny):
+    """With positions counted from the window's first item, the hidden state at every position of a
+    training window equals the one inference computes from that prefix alone (the causal mask hides
+    the rest); counting from the most recent item breaks this."""
+    cfg = load_config(model="sasrec", overrides=[f"model.positions={positions}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny.n_items, tiny.n_users).eval()
+    with torch.no_grad():
+        for p in model.pos_emb.parameters():
+            p.normal_(0, 1.0)  # make positions matter
+        window = torch.tensor([[-1, -1, 4, 9, 2, 7, 30], [3, 5, 8, 13, 21, 34, 55]])
+        h = model.encode(None, model.to_internal(window))
+        for t in range(2, window.shape[1] - 1):  # (the last position agrees either way)
+            alone = model.last_hidden(None, window[:, : t + 1])
+            same = torch.allclose(h[:, t], alone, atol=1e-5)
+            assert same == consistent, (positions, t)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_left_padding_does_not_change_scores(name, tiny):
+    """Histories are left-padded to different widths in training windows and at test time; the
+    number of padding columns must not change a prediction (e.g. GRU4Rec's padding row is zero)."""
+    torch.manual_seed(0)
+    model = build_model(load_config(model=name), tiny.n_items, tiny.n_users).eval()
+    users = torch.tensor([0, 1])
+    short = torch.tensor([[-1, 4, 9, 2], [3, 5, 8, 13]])
+    padded = torch.cat([torch.full((2, 6), -1), short], 1)
+    torch.testing.assert_close(model.scores(users, padded), model.scores(users, short), atol=1e-5, rtol=1e-4)

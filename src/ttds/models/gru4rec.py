@@ -33,6 +33,8 @@ class GRU4Rec(SeqModel):
         self.gru = nn.GRU(cfg.embedding, cfg.hidden, cfg.layers, batch_first=True, bias=False)
         self.dense = nn.Linear(cfg.hidden, cfg.embedding)
         nn.init.xavier_normal_(self.item_emb.weight)
+        with torch.no_grad():  # re-initialising overwrote the padding row: padding must read as zeros
+            self.item_emb.weight[0].zero_()
         for name, p in self.gru.named_parameters():
             (nn.init.xavier_uniform_ if "weight_ih" in name else nn.init.orthogonal_)(p)
         nn.init.xavier_normal_(self.dense.weight)

@@ -5,6 +5,12 @@ the hidden state at position t scores every item for position t + 1 against the 
 embedding table. Architecture as in RecBole's SASRec. Trained with teacher forcing on every
 position; `loss: ce` is cross-entropy over all items (RecBole's default), `loss: bce` the
 paper's binary loss with one sampled negative per position.
+
+Positions count from the first item of the (left-padded) window, as in RecBole (`positions:
+start`). Then, with the causal mask, the hidden state at position t of a training window is
+exactly what inference computes for the prefix ending there: training on every position and
+scoring from the last one agree. Counting from the most recent item instead (`positions: end`,
+the original TensorFlow code) puts an item at a different position in training than at test time.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ttds.errors import TTDSError
 from ttds.models.base import SeqModel, TransformerBlock, attention_mask
 
 
@@ -26,6 +33,7 @@ class SASRecConfig:
     dropout: float = 0.5
     attn_dropout: float = 0.5
     loss: str = "ce"  # ce | bce
+    positions: str = "start"  # start: index from the window's first item (RecBole) | end: from the last
 
 
 class SASRec(SeqModel):
@@ -34,6 +42,9 @@ class SASRec(SeqModel):
     def __init__(self, cfg: SASRecConfig, n_items: int, n_users: int, max_len: int):
         super().__init__(n_items, n_users, max_len)
         self.loss_type = cfg.loss
+        if cfg.positions not in ("start", "end"):
+            raise TTDSError(f"config model.positions={cfg.positions!r}: expected start or end")
+        self.positions = cfg.positions
         d = cfg.hidden
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, d)
@@ -45,8 +56,10 @@ class SASRec(SeqModel):
         self.init_weights()
 
     def encode(self, users: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        N = seq.shape[1]
-        pos = torch.arange(self.max_len - N, self.max_len, device=seq.device)  # last item = last position
+        if self.positions == "start":  # left-padded: the first item is at 0, padding at 0 too (masked)
+            pos = ((seq > 0).long().cumsum(1) - 1).clamp(min=0)
+        else:  # the most recent item is at max_len - 1
+            pos = torch.arange(self.max_len - seq.shape[1], self.max_len, device=seq.device)
         x = self.drop(self.ln(self.item_emb(seq) + self.pos_emb(pos)))
         mask = attention_mask(seq, causal=True)
         for block in self.blocks:

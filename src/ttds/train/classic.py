@@ -60,6 +60,7 @@ class TrainConfig:
     eval_every: int = 1
     grad_clip: float = 5.0
     max_minutes: float = 0.0
+    length_pool: int = 50  # batches sorted by length within pools of this many (less padding); 1 = random batches
 
 
 @dataclass
@@ -232,7 +233,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
             break
         seed = int(cfg.get("seed", 0)) + epoch
         torch.manual_seed(dist.rank_seed(seed))
-        batches = length_batches(lengths, tc.batch_size, np.random.default_rng(seed))
+        batches = length_batches(lengths, tc.batch_size, np.random.default_rng(seed), max(1, tc.length_pool))
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         total, count, over_budget = 0.0, 0, False
