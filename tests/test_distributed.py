@@ -51,6 +51,7 @@ def test_ddp_training_matches_single_process_and_resumes_on_another_world_size(t
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1 of 2, backend gloo" in r.stderr
+    assert r.stdout.count("run folder:") == 1 and r.stdout.count("sasrec test") == 1  # rank 0 prints the table
 
     one = tmp_path / "one"
     single = _train(one, 2)
@@ -138,19 +139,57 @@ def _one_step(strategy: str):
 GEN_DATA = "builtin:users=40,items=30,seed=2"
 
 
-def _gen_train(bb_dir: str, out: Path) -> dict:
-    """The generative recipe on a tiny dropout-free backbone: 3 steps of 2 accumulated micro-batches of 8."""
+def _gen_train(bb_dir: str, out: Path, max_steps: int = 3, strategy: str = "ddp") -> dict:
+    """The generative recipe on a tiny dropout-free backbone: steps of 2 accumulated micro-batches of 8."""
     from ttds.config import load_config
     from ttds.data.readers import load_dataset
     from ttds.train import generative
 
     over = [f"backbone.name_or_path={bb_dir}", "index.source=random", "index.user_source=random", "index.options.levels=2",
             "index.options.codebook_size=8", "train.batch_size=8", "train.grad_accum=2", "train.warmup_steps=2",
-            "train.valid_users=20", "train.lr=0.001", "train.max_steps=3", "eval.template_mean_users=-1", "eval.beam=10",
-            "eval.final_valid=false", "threads=1"]
+            "train.valid_users=20", "train.lr=0.001", f"train.max_steps={max_steps}", "eval.template_mean_users=-1",
+            "eval.beam=10", "eval.final_valid=false", "threads=1", f"dist.strategy={strategy}"]
     cfg = load_config(model="ttss", overrides=over)
     cfg["name"] = "ttss"
     return generative.train(cfg, load_dataset(GEN_DATA), out)
+
+
+def _dyn_train(bb_dir: str, out: Path) -> dict:
+    """TTDS (recipe dynamic) on the tiny backbone: 1 warm-up step, then joint steps of 2 accumulated micro-batches,
+    L_DM-VAE on 15 entities per tower (8 + 7 over 2 ranks), codes re-assigned (X re-encoded) every 2 steps."""
+    from ttds.config import load_config
+    from ttds.data.readers import load_dataset
+    from ttds.train import dynamic
+
+    over = [f"backbone.name_or_path={bb_dir}", "index.options.levels=2", "index.options.codebook_size=8",
+            "index.options.rqvae.epochs=10", "index.options.rqvae.code_dim=16", "index.options.rqvae.hidden=[32]",
+            "index.options.cache_embeddings=false", "index.options.max_text_tokens=24", "tasks.item2index=0",
+            "tasks.index2item=0", "train.batch_size=8", "train.grad_accum=2", "train.warmup_steps=2", "train.valid_users=20",
+            "train.lr=0.001", "train.max_steps=5", "train.eval_steps=5", "dynamic.warmup_steps=1", "dynamic.reassign_steps=2",
+            "loss.dm_batch=15", "eval.template_mean_users=-1", "eval.beam=10", "eval.final_valid=false", "threads=1"]
+    cfg = load_config(model="ttds", overrides=over)
+    cfg["name"] = "ttds"
+    return dynamic.train(cfg, load_dataset(GEN_DATA), out)
+
+
+def _dyn_worker(bb_dir: str, out: Path) -> dict:
+    """The dynamic run on this rank, with every index synchronisation recorded (codes before and after)."""
+    from ttds import dist
+
+    real, seen = dist.sync_model_index, {"before": [], "after": []}
+
+    def recording(model):
+        seen["before"].append(np.concatenate([model.item_index.codes.ravel(), model.user_index.codes.ravel()]))
+        real(model)
+        seen["after"].append(np.concatenate([model.item_index.codes.ravel(), model.user_index.codes.ravel()]))
+
+    dist.sync_model_index = recording
+    try:
+        m = _dyn_train(bb_dir, out)
+    finally:
+        dist.sync_model_index = real
+    return {"dyn_test": np.asarray([m["test"]["NDCG@10"]]), "dyn_before": np.stack(seen["before"]),
+            "dyn_after": np.stack(seen["after"])}
 
 
 def _worker(r: int, port: int, out: str, bb_dir: str) -> None:
@@ -190,6 +229,13 @@ def _worker(r: int, port: int, out: str, bb_dir: str) -> None:
         res[f"{strategy}_scores"] = scores
         res.update({f"{strategy}:{k}": v for k, v in sd.items()})
     res["gen_test"] = np.asarray([_gen_train(bb_dir, Path(out) / "gen")["test"]["NDCG@10"]])
+    # FSDP2 (dist.strategy=fsdp): 2 steps, stop, resume (full checkpoint tensors re-sharded) to 3
+    _gen_train(bb_dir, Path(out) / "gen_fsdp", max_steps=2, strategy="fsdp")
+    if dist.is_main():
+        (Path(out) / "gen_fsdp" / "metrics.json").unlink()
+    dist.barrier()
+    res["fsdp_test"] = np.asarray([_gen_train(bb_dir, Path(out) / "gen_fsdp", max_steps=3, strategy="fsdp")["test"]["NDCG@10"]])
+    res.update(_dyn_worker(bb_dir, Path(out) / "dyn"))
     res["out"] = np.asarray(out)
     np.savez(Path(out) / f"rank{r}.npz", **res)
     torch.distributed.destroy_process_group()
@@ -293,19 +339,63 @@ def test_sharded_precompute_fills_one_store_like_one_process(spawned, tmp_path):
         one_store.close()
 
 
-def test_ddp_generative_recipe_matches_single_process(spawned, tmp_path):
+@pytest.fixture(scope="module")
+def single_gen(spawned, tmp_path_factory):
+    """The generative run of the workers, on one process."""
+    out, folder = Path(spawned[0]["out"].item()), tmp_path_factory.mktemp("single_gen")
+    return _gen_train(str(next(out.glob("tiny-bert-*"))), folder), folder
+
+
+def _same_run(one: Path, two: Path, n_steps: int) -> None:
+    """Two run folders took the same steps: the global loss of every step and the final weights agree."""
+    la = json.loads((one / "state.json").read_text())["losses"]
+    lb = json.loads((two / "state.json").read_text())["losses"]
+    assert len(la) == len(lb) == n_steps and np.allclose(la, lb, rtol=1e-5), (la, lb)  # all-reduced global loss per step
+    a, b = _model_tensors(one / "last.safetensors"), _model_tensors(two / "last.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-4
+
+
+def test_ddp_generative_recipe_matches_single_process(spawned, single_gen):
     """Whole-sequence teacher forcing with accumulation: same global batches, same losses and weights."""
     out = Path(spawned[0]["out"].item())
-    single = _gen_train(str(next(out.glob("tiny-bert-*"))), tmp_path / "gen")
-    la = json.loads((tmp_path / "gen" / "state.json").read_text())["losses"]
-    lb = json.loads((out / "gen" / "state.json").read_text())["losses"]
-    assert len(la) == len(lb) == 3 and np.allclose(la, lb, rtol=1e-5), (la, lb)  # all-reduced global loss per step
-    a, b = _model_tensors(tmp_path / "gen" / "last.safetensors"), _model_tensors(out / "gen" / "last.safetensors")
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    single, folder = single_gen
+    _same_run(folder, out / "gen", 3)
     for f in ("index.item.json", "index.user.json", "model.safetensors", "metrics.json", "tokenizer"):
         assert (out / "gen" / f).exists(), f
     assert spawned[0]["gen_test"][0] == spawned[1]["gen_test"][0]  # sharded beam-search test on both ranks
     assert abs(spawned[0]["gen_test"][0] - single["test"]["NDCG@10"]) < 0.05
+
+
+def test_fsdp_generative_recipe_resumes_and_matches_single_process(spawned, single_gen):
+    """dist.strategy=fsdp in the shared LM loop: 2 steps, stop, resume to 3 (the checkpoint holds full tensors, the
+    optimizer state is re-sharded on load) = 3 steps on one process."""
+    out = Path(spawned[0]["out"].item())
+    single, folder = single_gen
+    _same_run(folder, out / "gen_fsdp", 3)
+    assert json.loads((out / "gen_fsdp" / "metrics.json").read_text())["world_size"] == 2
+    assert spawned[0]["fsdp_test"][0] == spawned[1]["fsdp_test"][0]
+    assert abs(spawned[0]["fsdp_test"][0] - single["test"]["NDCG@10"]) < 0.05
+
+
+def test_ddp_dynamic_recipe_matches_single_process_and_keeps_one_index(spawned, tmp_path):
+    """TTDS under torchrun: DDP over the whole model (backbone, ID head, both tokenizers), the DM-VAE term inside the
+    synchronised forward on a shared entity sample, codes re-assigned at steps 2 and 4 and synchronised: the same
+    losses, weights and codes as one process, and every rank holds the same index after every (re-)assignment."""
+    out = Path(spawned[0]["out"].item())
+    r0, r1 = spawned
+    assert r0["dyn_after"].shape[0] == 3  # after the initial assignment and the 2 re-assignments
+    assert np.array_equal(r0["dyn_after"], r1["dyn_after"])  # identical on both ranks ...
+    assert np.array_equal(r0["dyn_after"], r0["dyn_before"])  # ... namely rank 0's codes
+    assert not np.array_equal(r0["dyn_after"][0], r0["dyn_after"][-1])  # and the codes did move
+    single = _dyn_train(str(next(out.glob("tiny-bert-*"))), tmp_path / "dyn")
+    _same_run(tmp_path / "dyn", out / "dyn", 5)
+    sa, sb = (json.loads((d / "state.json").read_text()) for d in (tmp_path / "dyn", out / "dyn"))
+    assert np.allclose(sa["dm_losses"], sb["dm_losses"], rtol=1e-4, atol=1e-6) and sa["dm_losses"][0][0] > 0
+    assert [r["step"] for r in sb["reassign"]] == [2, 4]
+    assert [(r["item"], r["user"]) for r in sa["reassign"]] == [(r["item"], r["user"]) for r in sb["reassign"]]
+    a, b = (_model_tensors(d / "last.safetensors") for d in (tmp_path / "dyn", out / "dyn"))
+    assert torch.equal(a["model.item_codes"], b["model.item_codes"]) and torch.equal(a["model.user_codes"], b["model.user_codes"])
+    assert abs(r0["dyn_test"][0] - single["test"]["NDCG@10"]) < 0.05 and r0["dyn_test"][0] == r1["dyn_test"][0]
 
 
 def test_fsdp_and_ddp_step_equal_one_process(spawned):

@@ -220,13 +220,14 @@ class Method(nn.Module):
 
 
 def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = False, fsdp: bool = False,
-         module: nn.Module | None = None, broadcast_buffers: bool = True) -> nn.Module:
+         module: nn.Module | None = None, sync_buffers: bool = True) -> nn.Module:
     """A module whose call runs `model.<method>` (or `module`, a module holding `model`, e.g. a step's loss): DDP
     (or FSDP2) over it in a process group, the plain module otherwise. Keep using `model` itself for evaluation.
     `find_unused`: the recipe's default for DDP's find_unused_parameters (config dist.find_unused_parameters wins).
     `fsdp`: the recipe supports dist.strategy=fsdp, i.e. it builds its optimizer AFTER wrapping (FSDP2 replaces the
     parameters by sharded DTensors), saves full tensors (`full_tensor`) and evaluates inside `unsharded_params(net)`.
-    `broadcast_buffers`: DDP re-sends rank 0's buffers before every forward (False when the recipe keeps them equal)."""
+    `sync_buffers`: DDP re-sends rank 0's buffers before every forward (False when the recipe keeps them equal; they
+    are still synchronised once, when wrapping)."""
     from ttds.config import section
 
     dc = section(cfg, "dist", DistConfig)
@@ -248,7 +249,7 @@ def wrap(model: nn.Module, cfg: dict, method: str = "loss", find_unused: bool = 
     ids = [dev.index] if dev.type == "cuda" else None
     unused = find_unused if dc.find_unused_parameters is None else bool(dc.find_unused_parameters)
     return nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused,
-                                               broadcast_buffers=broadcast_buffers)
+                                               forward_sync_buffers=sync_buffers)
 
 
 def average_gradients(model: nn.Module) -> None:
@@ -286,14 +287,19 @@ def no_sync(net: nn.Module, sync: bool):
 
 @contextlib.contextmanager
 def unsharded_params(net: nn.Module):
-    """FSDP2: the full parameters on every rank inside the block (for methods that bypass forward, e.g. scoring)."""
-    mods = [m for m in net.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    """FSDP2: the full parameters on every rank inside the block, for code that bypasses the root forward
+    (evaluation, re-encoding). Modules do not reshard after their forward in the block, so ranks may run
+    different numbers of forwards (sharded evaluation) without collectives. A no-op without FSDP."""
+    mods = [m for m in net.modules() if hasattr(m, "unshard") and hasattr(m, "set_reshard_after_forward")]
     for m in mods:
         m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
         for m in mods:
+            if m is not net:  # the root keeps FSDP's default (no reshard after forward)
+                m.set_reshard_after_forward(True, recurse=False)
             m.reshard()
 
 

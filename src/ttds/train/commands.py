@@ -30,6 +30,7 @@ def train_model(model: str, data: str, out: Path | None = None, config: str | No
 def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool = False,
                overrides: list[str] | None = None) -> dict:
     from ttds.config import set_path, parse_override
+    from ttds.dist import env_rank
     from ttds.data.dataset import leave_one_out
     from ttds.data.readers import load_dataset
     from ttds.eval.evaluator import evaluate
@@ -53,7 +54,8 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
                  bool(ev.get("mask_seen", False)), device, desc=split)
     result = {"model": cfg.get("name"), "dataset": ds.name, "split": split, "mask_seen": bool(ev.get("mask_seen", False)),
               "metrics": m, "machine": machine_info()}
-    write_json(Path(model_dir) / f"eval-{ds.name}-{split}.json", result)
+    if env_rank() == 0:  # under torchrun every rank holds the gathered metrics; one writes them
+        write_json(Path(model_dir) / f"eval-{ds.name}-{split}.json", result)
     return result
 
 
@@ -68,11 +70,13 @@ def register(app: typer.Typer) -> None:
         drop_short: bool = typer.Option(False, "--drop-short", help="Drop users with < 3 interactions."),
     ):
         """Train a model (resumes from the run folder if interrupted); prints valid/test metrics."""
+        from ttds.dist import env_rank
         from ttds.eval.evaluator import format_metrics
 
         metrics, out_dir = train_model(model, data, out, config, set_, drop_short)
-        typer.echo(format_metrics({f"{model} valid": metrics["valid"], f"{model} test": metrics["test"]}))
-        typer.echo(f"run folder: {out_dir}")
+        if env_rank() == 0:  # under torchrun every rank holds the gathered metrics: print them once
+            typer.echo(format_metrics({f"{model} valid": metrics["valid"], f"{model} test": metrics["test"]}))
+            typer.echo(f"run folder: {out_dir}")
 
     @app.command("eval")
     def eval_cmd(
@@ -83,11 +87,13 @@ def register(app: typer.Typer) -> None:
         drop_short: bool = typer.Option(False, "--drop-short", help="Drop users with < 3 interactions."),
     ):
         """Evaluate a saved model with full ranking; prints a table and writes eval-<dataset>-<split>.json."""
+        from ttds.dist import env_rank
         from ttds.eval.evaluator import format_metrics
 
         r = eval_model(model_dir, data, split, drop_short, set_)
-        typer.echo(format_metrics({f"{r['model']} {split}": r["metrics"]}))
-        typer.echo(f"{r['metrics']['n']} users, {r['metrics']['eval_seconds']} s")
+        if env_rank() == 0:
+            typer.echo(format_metrics({f"{r['model']} {split}": r["metrics"]}))
+            typer.echo(f"{r['metrics']['n']} users, {r['metrics']['eval_seconds']} s")
 
     @app.command("bench")
     def bench_cmd(

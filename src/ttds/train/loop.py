@@ -297,7 +297,7 @@ class LMTrainer:
         if ckpt is not None:  # weights before wrapping (FSDP shards what it is given), optimizer state after
             load_weights(model, {k[6:]: v for k, v in ckpt[0].items() if k.startswith("model.")})
         self.net = dist.wrap(model, self.cfg, module=StepLoss(model, self.extra_loss), find_unused=True, fsdp=True,
-                             broadcast_buffers=False)  # buffers (codes, X) are kept equal by the recipe
+                             sync_buffers=False)  # buffers (codes, X) are kept equal by the recipe
         self.opt = torch.optim.AdamW([g for g in self.param_groups() if g["params"]], weight_decay=tc.weight_decay)
         if ckpt is not None:
             tensors, ometa, self.state = ckpt
