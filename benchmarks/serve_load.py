@@ -150,6 +150,26 @@ async def online(pool: Pool, histories: list[list[int]], k: int, concurrency: in
             "achieved_rps": len(lat) / wall}
 
 
+async def with_load(coro) -> dict:
+    """A row with the machine's 1-minute load average before and after it (the CPU is shared)."""
+    before = os.getloadavg()[0]
+    row = await coro
+    return row | {"load_before": round(before, 2), "load_after": round(os.getloadavg()[0], 2)}
+
+
+def server_share(metrics_text: str, route: str, le: str) -> float | None:
+    """Share of a route's requests the server itself answered within `le` seconds (its latency histogram)."""
+    count = below = None
+    for ln in metrics_text.splitlines():
+        if f'route="{route}"' not in ln:
+            continue
+        if ln.startswith("ttds_http_request_duration_seconds_count"):
+            count = float(ln.rsplit(" ", 1)[1])
+        elif ln.startswith("ttds_http_request_duration_seconds_bucket") and f'le="{le}"' in ln:
+            below = float(ln.rsplit(" ", 1)[1])
+    return below / count if count and below is not None else None
+
+
 async def run_load(port: int, args, n_users: int, histories) -> list[dict]:
     pool = Pool(port, 32)
     await pool.start()
@@ -158,10 +178,11 @@ async def run_load(port: int, args, n_users: int, histories) -> list[dict]:
     if args.seconds > 0:
         for u in users[:50]:  # warm-up
             await pool.request("GET", f"/v1/users/{u}/recommendations?k={args.k}")
-    await online(pool, histories[:3], args.k, 1)
-    rows = [await cached_load(pool, users, args.rate, args.seconds, args.k)] if args.seconds > 0 else []
-    rows.append(await online(pool, histories, args.k, 1))
-    rows.append(await online(pool, histories * 2, args.k, args.concurrency))
+    rows = [await with_load(cached_load(pool, users, args.rate, args.seconds, args.k))] if args.seconds > 0 else []
+    if args.online > 0:
+        await online(pool, histories[:3], args.k, 1)
+        rows.append(await with_load(online(pool, histories, args.k, 1)))
+        rows.append(await with_load(online(pool, histories * 2, args.k, args.concurrency)))
     return rows
 
 
@@ -174,12 +195,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="cached-path duration (0: skip the cached path)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--cache-k", type=int, default=50)
-    ap.add_argument("--online", type=int, default=100, help="online requests at batch 1")
+    ap.add_argument("--online", type=int, default=100, help="online requests at batch 1 (0: skip the online path)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--keep-seen", action="store_true", help="serve with --keep-seen (a generative model then runs k beams, not k + history)")
     ap.add_argument("--no-precompute", action="store_true")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--note", default="", help="a line stored with the figures (what was served, what else ran)")
     args = ap.parse_args()
     if args.rate * args.seconds > 100_000:
         sys.exit("--rate x --seconds: at most 100,000 requests")
@@ -227,17 +249,27 @@ def main() -> None:
     m = machine_info()
     print(f"\nmodel {health['model_version']} ({ds.n_users} users, {ds.n_items} items), store {args.store}, "
           f"{m['cpu']}, {m['cores']} cores, k={args.k}")
-    print("\n| path | requests | errors | p50 ms | p99 ms | max ms | req/s |")
-    print("|---|---|---|---|---|---|---|")
+    route = "/v1/users/{user_id}/recommendations"
     for r in rows:
-        print(f"| {r['path']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['achieved_rps']:.1f} |")
+        if r["path"].startswith("cached"):  # what the server itself spent (its histogram), apart from the client
+            r["server_share_within_5ms"] = server_share(metrics, route, "0.005")
+            r["server_share_within_10ms"] = server_share(metrics, route, "0.01")
+    print("\n| path | requests | errors | p50 ms | p99 ms | max ms | req/s | load avg (1 min) before / after |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
+              f"{r['achieved_rps']:.1f} | {r['load_before']:.2f} / {r['load_after']:.2f} |")
+    for r in rows:
+        if "server_share_within_10ms" in r and r["server_share_within_10ms"] is not None:
+            print(f"server-side, cached GET: {100 * r['server_share_within_5ms']:.2f} % within 5 ms, "
+                  f"{100 * r['server_share_within_10ms']:.2f} % within 10 ms")
     batch_lines = [ln for ln in metrics.splitlines() if ln.startswith("ttds_online_batch_size_sum") or ln.startswith("ttds_online_batch_size_count")]
     print("\n" + "\n".join(batch_lines))
     if args.out:
         from ttds.io import write_json
 
         write_json(args.out, {"model_version": health["model_version"], "data": args.data, "store": args.store, "machine": m,
-                              "k": args.k, "rows": rows})
+                              "k": args.k, "threads": args.threads, "note": args.note, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -191,20 +191,38 @@ class RecommenderEngine:
                 top = torch.topk(s, min(k, n), dim=1)
                 idx, val = top.indices.tolist(), top.values.tolist()  # plain lists: per-element tensor access is slow
                 return [[(i, v) for i, v in zip(ri, rv) if v != float("-inf")] for ri, rv in zip(idx, val)]
-            want = min(n, k + (max((len(x) for x in seen), default=0)))
-            if self._return_scores:
-                kwargs["return_scores"] = True
-            res = self.model.recommend(users_t.to(self.device), hist_t.to(self.device), want, **kwargs)
-            items, scores = res if isinstance(res, tuple) else (res, None)
-            items = items.cpu().tolist()
-            scores = scores.float().cpu().tolist() if scores is not None else None
-        out = []
-        for b in range(B):
+            # A generative model: a beam search returns `beam` items for the price of k, so the first pass asks
+            # for them all; only rows that the seen-item filter leaves short of k run again, asking for k + |seen|.
+            first = min(n, max(k, int(getattr(self.model, "beam", 0) or 0)))
+            out = self._generate(users_t, hist_t, list(range(B)), first, k, seen, kwargs)
+            short = [b for b in range(B) if len(out[b]) < k and min(n, k + len(seen[b])) > first]
+            if short:
+                want = min(n, k + max(len(seen[b]) for b in short))
+                for b, row in zip(short, self._generate(users_t, hist_t, short, want, k, seen, kwargs)):
+                    out[b] = row
+        return out
+
+    def _generate(self, users_t, hist_t, rows: list[int], want: int, k: int, seen: list[set], kwargs: dict) -> list[list[Rec]]:
+        """`model.recommend` for some rows of the batch: `want` ranked items each, then the first k that are
+        valid, unseen and distinct (with their scores when the model gives them)."""
+        import torch
+
+        if self._return_scores:
+            kwargs = kwargs | {"return_scores": True}
+        if "user_texts" in kwargs:
+            kwargs = kwargs | {"user_texts": [kwargs["user_texts"][b] for b in rows]}
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        res = self.model.recommend(users_t[idx].to(self.device), hist_t[idx].to(self.device), want, **kwargs)
+        items, scores = res if isinstance(res, tuple) else (res, None)
+        items = items.cpu().tolist()
+        scores = scores.float().cpu().tolist() if scores is not None else None
+        n, out = self.n_items, []
+        for j, b in enumerate(rows):
             row, taken = [], set()
-            for j, i in enumerate(items[b]):
+            for r, i in enumerate(items[j]):
                 if 0 <= i < n and i not in seen[b] and i not in taken:
                     taken.add(i)
-                    row.append((int(i), None if scores is None else float(scores[b][j])))
+                    row.append((int(i), None if scores is None else float(scores[j][r])))
                 if len(row) == k:
                     break
             out.append(row)
