@@ -9,7 +9,10 @@ then, from this process (asyncio, 32 keep-alive HTTP/1.1 connections):
      for --seconds; latency is measured from each request's *scheduled* send time (no coordinated
      omission), so a stalled server shows up in p99;
   2. online path, batch 1: --online sequential POST /v1/recommendations with real users' histories;
-  3. online path, batched: the same requests from --concurrency clients at once (the server batches them).
+  3. online path, batched: the same requests from --concurrency clients at once (the server batches them);
+  4. with --new-items N: N sequential POST /v1/items (a generative model's item tower assigns the IDs).
+Every row records the machine's 1-minute load average before and after it (the CPU is shared); the
+cached row also gives the share of requests the server itself answered within 5 / 10 ms (its histogram).
 Every loop is bounded in count and time; traffic goes to 127.0.0.1 only. Prints a Markdown table and
 writes JSON with --out.
 """
@@ -150,6 +153,22 @@ async def online(pool: Pool, histories: list[list[int]], k: int, concurrency: in
             "achieved_rps": len(lat) / wall}
 
 
+async def new_items(pool: Pool, ds, n: int) -> dict:
+    """POST /v1/items n times, sequentially, with the text of existing items under a new title (409 = the
+    item's disambiguation level is full: counted apart, not as an error)."""
+    lat, errors, full, rng = [], 0, 0, random.Random(3)
+    for j in range(n):
+        i = rng.randrange(ds.n_items)
+        body = {f: ds.item_text[f][i] for f in ("description", "brand", "categories")} | {"title": f"{ds.item_text['title'][i]} (new {j})"}
+        t = time.perf_counter()
+        status, _ = await pool.request("POST", "/v1/items", json.dumps(body).encode())
+        lat.append(time.perf_counter() - t)
+        full += status == 409
+        errors += status not in (201, 409)
+    return {"path": f"new item POST /v1/items, 1 client ({full} x 409: level full)", "requests": n, "errors": errors,
+            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "max_ms": pct(lat, 100), "achieved_rps": n / max(sum(lat), 1e-9)}
+
+
 async def with_load(coro) -> dict:
     """A row with the machine's 1-minute load average before and after it (the CPU is shared)."""
     before = os.getloadavg()[0]
@@ -170,7 +189,8 @@ def server_share(metrics_text: str, route: str, le: str) -> float | None:
     return below / count if count and below is not None else None
 
 
-async def run_load(port: int, args, n_users: int, histories) -> list[dict]:
+async def run_load(port: int, args, ds, histories) -> list[dict]:
+    n_users = ds.n_users
     pool = Pool(port, 32)
     await pool.start()
     rng = random.Random(1)
@@ -183,6 +203,8 @@ async def run_load(port: int, args, n_users: int, histories) -> list[dict]:
         await online(pool, histories[:3], args.k, 1)
         rows.append(await with_load(online(pool, histories, args.k, 1)))
         rows.append(await with_load(online(pool, histories * 2, args.k, args.concurrency)))
+    if args.new_items > 0:
+        rows.append(await with_load(new_items(pool, ds, args.new_items)))
     return rows
 
 
@@ -197,6 +219,7 @@ def main() -> None:
     ap.add_argument("--cache-k", type=int, default=50)
     ap.add_argument("--online", type=int, default=100, help="online requests at batch 1 (0: skip the online path)")
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--new-items", type=int, default=0, help="POST this many new items at the end (generative models)")
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--keep-seen", action="store_true", help="serve with --keep-seen (a generative model then runs k beams, not k + history)")
     ap.add_argument("--no-precompute", action="store_true")
@@ -237,7 +260,7 @@ def main() -> None:
                 time.sleep(0.5)
         if health is None:
             sys.exit("server did not come up")
-        rows = asyncio.run(run_load(port, args, ds.n_users, histories))
+        rows = asyncio.run(run_load(port, args, ds, histories))
         metrics = httpx.get(base + "/metrics").text
     finally:
         server.send_signal(signal.SIGINT)
