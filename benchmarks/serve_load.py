@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -243,6 +244,10 @@ def main() -> None:
     ds = load_dataset(args.data)
     rng = random.Random(2)
     histories = [[int(i) for i in ds.sequences[rng.randrange(ds.n_users)][-20:]] for _ in range(args.online)]
+    # the dataset is ~10^5 long-lived objects: a full garbage collection of this process (~100+ ms) would
+    # stall the load generator and show up as server latency. Keep them out of the collector.
+    gc.collect()
+    gc.freeze()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(py + ["serve", "--model", args.model, "--data", args.data, "--store", args.store, "--port", str(port),
