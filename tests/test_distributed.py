@@ -154,7 +154,7 @@ def _gen_train(bb_dir: str, out: Path, max_steps: int = 3, strategy: str = "ddp"
     return generative.train(cfg, load_dataset(GEN_DATA), out)
 
 
-def _dyn_train(bb_dir: str, out: Path) -> dict:
+def _dyn_train(bb_dir: str, out: Path, strategy: str = "ddp") -> dict:
     """TTDS (recipe dynamic) on the tiny backbone: 1 warm-up step, then joint steps of 2 accumulated micro-batches,
     L_DM-VAE on 15 entities per tower (8 + 7 over 2 ranks), codes re-assigned (X re-encoded) every 2 steps."""
     from ttds.config import load_config
@@ -166,7 +166,8 @@ def _dyn_train(bb_dir: str, out: Path) -> dict:
             "index.options.cache_embeddings=false", "index.options.max_text_tokens=24", "tasks.item2index=0",
             "tasks.index2item=0", "train.batch_size=8", "train.grad_accum=2", "train.warmup_steps=2", "train.valid_users=20",
             "train.lr=0.001", "train.max_steps=5", "train.eval_steps=5", "dynamic.warmup_steps=1", "dynamic.reassign_steps=2",
-            "loss.dm_batch=15", "eval.template_mean_users=-1", "eval.beam=10", "eval.final_valid=false", "threads=1"]
+            "loss.dm_batch=15", "eval.template_mean_users=-1", "eval.beam=10", "eval.final_valid=false", "threads=1",
+            f"dist.strategy={strategy}"]
     cfg = load_config(model="ttds", overrides=over)
     cfg["name"] = "ttds"
     return dynamic.train(cfg, load_dataset(GEN_DATA), out)
@@ -236,6 +237,7 @@ def _worker(r: int, port: int, out: str, bb_dir: str) -> None:
     dist.barrier()
     res["fsdp_test"] = np.asarray([_gen_train(bb_dir, Path(out) / "gen_fsdp", max_steps=3, strategy="fsdp")["test"]["NDCG@10"]])
     res.update(_dyn_worker(bb_dir, Path(out) / "dyn"))
+    _dyn_train(bb_dir, Path(out) / "dyn_fsdp", strategy="fsdp")  # warm-up freezing, re-assignment on sharded weights
     res["out"] = np.asarray(out)
     np.savez(Path(out) / f"rank{r}.npz", **res)
     torch.distributed.destroy_process_group()
@@ -396,6 +398,10 @@ def test_ddp_dynamic_recipe_matches_single_process_and_keeps_one_index(spawned, 
     a, b = (_model_tensors(d / "last.safetensors") for d in (tmp_path / "dyn", out / "dyn"))
     assert torch.equal(a["model.item_codes"], b["model.item_codes"]) and torch.equal(a["model.user_codes"], b["model.user_codes"])
     assert abs(r0["dyn_test"][0] - single["test"]["NDCG@10"]) < 0.05 and r0["dyn_test"][0] == r1["dyn_test"][0]
+    # the same run with dist.strategy=fsdp (FSDP2: backbone blocks and the rest sharded over the 2 ranks)
+    _same_run(tmp_path / "dyn", out / "dyn_fsdp", 5)
+    c = _model_tensors(out / "dyn_fsdp" / "last.safetensors")
+    assert torch.equal(a["model.item_codes"], c["model.item_codes"]) and torch.equal(a["model.user_codes"], c["model.user_codes"])
 
 
 def test_fsdp_and_ddp_step_equal_one_process(spawned):

@@ -300,7 +300,13 @@ def unsharded_params(net: nn.Module):
         for m in mods:
             if m is not net:  # the root keeps FSDP's default (no reshard after forward)
                 m.set_reshard_after_forward(True, recurse=False)
-            m.reshard()
+        if mods and hasattr(net, "reset_iter_state"):
+            # the block's forwards left per-rank traces (e.g. the post-forward order FSDP prefetches by in the next
+            # backward; sharded evaluation runs different numbers of forwards per rank): clear them, reshard all
+            net.reset_iter_state()
+        else:
+            for m in mods:
+                m.reshard()
 
 
 def is_sharded(t) -> bool:
