@@ -15,6 +15,8 @@ from ttds.tasks.builders import TaskConfig, TaskData, build_epoch
 from ttds.train import dynamic
 from ttds.train.engine import collate
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: a second thread only waits on a shared CPU
+
 DATA = "builtin:users=150,items=60,seed=4"
 SMALL = "builtin:users=40,items=30,seed=2"  # the resume/static runs
 
@@ -36,7 +38,7 @@ def _cfg(bb_dir, model="ttds", extra=()):
             "index.options.cache_embeddings=false", "index.options.max_text_tokens=24",
             "train.batch_size=16", "train.warmup_steps=2", "train.valid_users=40", "train.lr=0.001", "train.epochs=50",
             "train.patience=50", "dynamic.warmup_steps=2", "eval.template_mean_users=-1", "eval.final_valid=false",
-            "eval.beam=10", "threads=2", "tasks.item2index=0", "tasks.index2item=0", *extra]
+            "eval.beam=10", "threads=1", "tasks.item2index=0", "tasks.index2item=0", *extra]
     cfg = load_config(model=model, overrides=over)
     cfg["name"] = model
     return cfg
