@@ -1,11 +1,17 @@
 """1 process vs 2 torchrun processes (DDP, gloo) on the built-in data: training and sharded evaluation speed.
 
     .venv/bin/python benchmarks/distributed_speed.py [--data builtin] [--model sasrec] [--epochs 2] [--repeats 2]
+    # TTDS (recipe dynamic: DDP over backbone + tokenizers, DM-VAE, re-assignment each epoch), small data, MiniLM:
+    .venv/bin/python benchmarks/distributed_speed.py --model ttds --data builtin:users=200,items=150 --epochs 1 \
+        --repeats 1 --set train.valid_users=100 --set eval.beam=10 --set eval.template_mean_users=-1 \
+        --set eval.final_valid=false --set dynamic.reassign_every=1
 
 Runs `ttds train` three ways with the same global batch and config:
   1 process x 2 threads, 1 process x 1 thread, torchrun 2 processes x 1 thread each (threads=2 split by ttds.dist)
 and reports seconds per epoch (wall and CPU), the test evaluation time (sharded over the ranks) and the
-speed ratio against the 1-process runs; medians over repeats. Writes benchmarks/results/distributed_speed.{json,md}.
+speed ratio against the 1-process runs; medians over repeats. Writes benchmarks/results/distributed_speed.{json,md}
+(distributed_speed-<model>.{json,md} for another model than sasrec). "s / epoch" is the time of the epoch's training
+steps (the LM recipes exclude validation and code re-assignment from it, as the classic recipe excludes validation).
 
 Caveat: this machine has 2 cores shared with other jobs. Two processes cannot beat one process that already uses
 both cores with intra-op threads, except where one process leaves a core idle (small kernels, Python overhead);
@@ -28,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(kind: str, data: str, model: str, epochs: int, out: Path) -> dict:
-    sets = [f"train.epochs={epochs}", "train.patience=100", "eval.batch_size=256"]
+def run(kind: str, data: str, model: str, epochs: int, out: Path, extra: list[str]) -> dict:
+    sets = [f"train.epochs={epochs}", "train.patience=100", "eval.batch_size=256", *extra]
     if kind == "1p x 2t":
         cmd, threads = [sys.executable, "-m", "ttds"], 2
     elif kind == "1p x 1t":
@@ -55,6 +61,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--set", action="append", default=[], help="config override for every run, KEY=VALUE")
     a = ap.parse_args()
     kinds = ["1p x 2t", "1p x 1t", "2p x 1t (torchrun, gloo)"]
     rows: dict[str, list[dict]] = {k: [] for k in kinds}
@@ -65,7 +72,7 @@ def main() -> None:
             for k in kinds:
                 out = tmp / f"{r}-{k.split()[0]}"
                 load.append(os.getloadavg()[0])
-                rows[k].append(run(k, a.data, a.model, a.epochs, out))
+                rows[k].append(run(k, a.data, a.model, a.epochs, out, a.set))
                 print(f"repeat {r + 1} {k}: {rows[k][-1]}", file=sys.stderr)
                 shutil.rmtree(out)
     finally:
@@ -73,6 +80,7 @@ def main() -> None:
     med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in rows.items()}
     base2, base1 = med[kinds[0]]["epoch_s"], med[kinds[1]]["epoch_s"]
     lines = [f"# 1 vs 2 processes: `ttds train --model {a.model} --data {a.data}` ({a.epochs} epochs, medians of {a.repeats})", "",
+             *([f"Overrides: `{' '.join(a.set)}`", ""] if a.set else []),
              f"Machine: {os.cpu_count()} cores, shared (1-min load average during the runs: {min(load):.1f}-{max(load):.1f}). "
              "Same global batch and config in every row; the 2-process run uses 1 thread per process.", "",
              "| run | s / epoch (wall) | CPU s / epoch, per process | CPU s / epoch, all processes | test eval s (wall) | "
@@ -95,9 +103,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from ttds.io import write_json, write_text
 
-    write_json(res / "distributed_speed.json", {"data": a.data, "model": a.model, "epochs": a.epochs, "repeats": a.repeats,
-                                                "load_average": [min(load), max(load)], "runs": rows, "median": med})
-    write_text(res / "distributed_speed.md", md)
+    name = "distributed_speed" + ("" if a.model == "sasrec" else f"-{a.model}")
+    write_json(res / f"{name}.json", {"data": a.data, "model": a.model, "epochs": a.epochs, "repeats": a.repeats, "overrides": a.set,
+                                      "load_average": [min(load), max(load)], "runs": rows, "median": med})
+    write_text(res / f"{name}.md", md)
 
 
 if __name__ == "__main__":

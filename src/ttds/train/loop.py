@@ -316,6 +316,7 @@ class LMTrainer:
         self.total_steps = max(1, tc.epochs * math.ceil(n_batches / tc.grad_accum))
         self.peak = dense_peak_flops()
         self.flops_tok = None
+        self.epoch_time = (0.0, 0.0)  # (wall, CPU) seconds of the current epoch's steps in this process
         self.budget = tc.max_minutes * 60 if tc.max_minutes else math.inf
 
     def save(self) -> None:
@@ -348,7 +349,7 @@ class LMTrainer:
     def step(self, examples, batches) -> tuple[float, int, dict, float]:
         """One optimizer step over the next `grad_accum` global micro-batches: (loss, tokens, extra parts, lr multiplier)."""
         s, tc, device = self.state, self.tc, self.device
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.before_step()
         first = s["step_in_epoch"] * tc.grad_accum
         group = batches[first:first + tc.grad_accum]
@@ -378,7 +379,9 @@ class LMTrainer:
         s["step_in_epoch"] += 1
         s["tokens"] += tokens
         s.setdefault("losses", []).append(loss_sum)
-        s["train_seconds"] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        s["train_seconds"] += dt
+        self.epoch_time = (self.epoch_time[0] + dt, self.epoch_time[1] + time.process_time() - c0)
         return loss_sum, tokens, parts, mult
 
     def fit(self) -> dict:
@@ -436,6 +439,10 @@ class LMTrainer:
             bar.close()
             if s["step_in_epoch"] >= steps_in_epoch:
                 s["epoch"], s["step_in_epoch"] = epoch + 1, 0
+                # this process's training-step time of the epoch (wall, and CPU of this rank), as the classic recipe
+                s.setdefault("epoch_seconds", []).append(round(self.epoch_time[0], 2))
+                s.setdefault("epoch_cpu_seconds", []).append(round(self.epoch_time[1], 2))
+                self.epoch_time = (0.0, 0.0)
                 if not tc.eval_steps and (s["epoch"] % tc.eval_every == 0 or s["epoch"] >= tc.epochs):
                     self.validate()
                 self.on_epoch_end()
