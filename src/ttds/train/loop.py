@@ -143,15 +143,6 @@ def read_checkpoint(out: Path) -> tuple[dict, dict, dict]:
     return load_safetensors(out / "last.safetensors"), json.loads(meta["optim"]), json.loads(meta["state"])
 
 
-def load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """Weights, optimizer state and torch RNG from out/last.safetensors; returns the trainer state."""
-    tensors, ometa, state = read_checkpoint(out)
-    load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    _load_optim(opt, tensors, ometa)
-    torch.set_rng_state(tensors["rng.torch"])
-    return state
-
-
 def finished(out: Path) -> bool:
     """A run folder whose training and test evaluation are complete (metrics.json written)."""
     return (out / "metrics.json").is_file() and (out / "state.json").is_file() and bool(read_json(out / "state.json").get("done"))
