@@ -222,6 +222,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-items", type=int, default=0, help="POST this many new items at the end (generative models)")
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    ap.add_argument("--quantize", default="none", help="the server's --quantize (none | int8)")
     ap.add_argument("--keep-seen", action="store_true", help="serve with --keep-seen (a generative model then runs k beams, not k + history)")
     ap.add_argument("--no-precompute", action="store_true")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -251,7 +252,7 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(py + ["serve", "--model", args.model, "--data", args.data, "--store", args.store, "--port", str(port),
-                               "--threads", str(args.threads)] + (["--keep-seen"] if args.keep_seen else []), env=env)
+                               "--threads", str(args.threads), "--quantize", args.quantize] + (["--keep-seen"] if args.keep_seen else []), env=env)
     try:
         import httpx
 
@@ -297,7 +298,7 @@ def main() -> None:
         from ttds.io import write_json
 
         write_json(args.out, {"model_version": health["model_version"], "data": args.data, "store": args.store, "machine": m,
-                              "k": args.k, "threads": args.threads, "note": args.note, "rows": rows})
+                              "k": args.k, "threads": args.threads, "quantize": args.quantize, "note": args.note, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -177,3 +177,17 @@ def test_ttds_model_adds_items_with_its_own_tower(bb_dir, tmp_path, one_thread):
     assert item == n and len(tower.x) == n + 1 and model.item_codes.shape[0] == n + 1
     assert model.item_index.is_unique() and int(model.trie.entities(torch.as_tensor(model.item_index.codes[n:]))[0]) == n
     assert (model.item_codes[n].numpy() == model.item_index.codes[n]).all()
+
+
+def test_int8_serving_option(run_dir, one_thread):
+    from ttds.errors import TTDSError
+
+    eng = load_engine(run_dir, DATA, threads=1, quantize="int8")
+    linears = [m for m in eng.model.backbone.body.modules() if isinstance(m, torch.nn.Linear) or "quantized" in type(m).__module__]
+    assert linears and all("quantized" in type(m).__module__ for m in linears)  # every Linear swapped for an int8 one
+    assert eng.model_version.endswith("+int8")
+    recs = eng.recommend_histories([[1, 2, 3]], 5)[0]
+    assert len(recs) == 5 and all(0 <= i < eng.n_items and s is not None for i, s in recs)
+    assert eng.add_item({"title": "still works"})[0] == eng.n_items - 1  # the coder keeps its own fp32 encoder
+    with pytest.raises(TTDSError, match="--quantize"):
+        load_engine(run_dir, DATA, quantize="fp8")

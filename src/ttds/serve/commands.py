@@ -11,6 +11,7 @@ import typer
 ModelOpt = typer.Option(..., "--model", help="A trained model folder (what `ttds train` wrote).")
 DataOpt = typer.Option(..., "--data", help="The dataset the model was trained on.")
 SeenOpt = typer.Option(True, "--exclude-seen/--keep-seen", help="Leave the user's history items out of the lists.")
+QuantOpt = typer.Option("none", "--quantize", help="none | int8: dynamic int8 Linear layers of a generative model's LM (CPU; changes rankings).")
 StoreOpt = typer.Option("sqlite:///runs/serve/cache.db", "--store", help="sqlite:///path.db or redis://127.0.0.1:6379/0")
 
 
@@ -25,13 +26,14 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device"),
         threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: torch's default)."),
         exclude_seen: bool = SeenOpt,
+        quantize: str = QuantOpt,
     ):
         """Pre-compute every user's top-K into a store (resumable; published atomically when complete)."""
         from ttds.serve.engine import load_engine
         from ttds.serve.precompute import precompute
         from ttds.serve.store import open_store
 
-        engine = load_engine(model, data, device, exclude_seen, threads, new_items=False)
+        engine = load_engine(model, data, device, exclude_seen, threads, new_items=False, quantize=quantize)
         st = open_store(store)
         try:
             out = precompute(engine, st, k, batch_size)
@@ -51,6 +53,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device"),
         threads: int = typer.Option(1, "--threads", min=0, help="torch threads for online generation (0: torch's default)."),
         exclude_seen: bool = SeenOpt,
+        quantize: str = QuantOpt,
     ):
         """Run the recommendation API (OpenAPI schema at /docs and /openapi.json)."""
         import uvicorn
@@ -59,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from ttds.serve.engine import load_engine
         from ttds.serve.store import open_store
 
-        engine = load_engine(model, data, device, exclude_seen, threads)
+        engine = load_engine(model, data, device, exclude_seen, threads, quantize=quantize)
         app = create_app(engine, open_store(store) if store else None, max_batch=max_batch, max_wait_ms=max_wait_ms)
         # The dataset and model are ~10^5 long-lived Python objects (Games: 185k): a full garbage collection
         # walks them all (60-170 ms, the max of the cached-path latency). Freeze them out of the collector.
