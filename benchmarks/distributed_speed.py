@@ -4,7 +4,8 @@
     # TTDS (recipe dynamic: DDP over backbone + tokenizers, DM-VAE, re-assignment each epoch), small data, MiniLM:
     .venv/bin/python benchmarks/distributed_speed.py --model ttds --data builtin:users=200,items=150 --epochs 1 \
         --repeats 1 --set train.valid_users=100 --set eval.beam=10 --set eval.template_mean_users=-1 \
-        --set eval.final_valid=false --set dynamic.reassign_every=1
+        --set eval.final_valid=false --set index.options.codebook_size=32 --set index.options.rqvae.epochs=30 \
+        --set dynamic.warmup_steps=2      # (joint steps, not the frozen-backbone warm-up, make the epoch)
 
 Runs `ttds train` three ways with the same global batch and config:
   1 process x 2 threads, 1 process x 1 thread, torchrun 2 processes x 1 thread each (threads=2 split by ttds.dist)
