@@ -177,3 +177,17 @@ def test_left_padding_does_not_change_scores(name, tiny):
     short = torch.tensor([[-1, 4, 9, 2], [3, 5, 8, 13]])
     padded = torch.cat([torch.full((2, 6), -1), short], 1)
     torch.testing.assert_close(model.scores(users, padded), model.scores(users, short), atol=1e-5, rtol=1e-4)
+
+
+def test_target_weights_make_every_target_count_the_same():
+    from ttds.train.classic import length_batches, target_weights
+
+    seqs = [np.arange(n) for n in [2, 2, 3, 3, 9, 12, 15, 21, 21, 21, 4, 5]]
+    _, w = windows(seqs, 21)
+    lengths = (w >= 0).sum(1)
+    n_terms = lengths - 1
+    batches = length_batches(lengths, 3, np.random.default_rng(0))
+    scale = target_weights(n_terms, batches)
+    per_target = [scale[b] / n_terms[idx].sum() for b, idx in enumerate(batches)]  # mean loss * scale
+    assert np.allclose(per_target, per_target[0]) and np.isclose(scale.mean(), 1.0)
+    assert scale.max() > 2 * scale.min()  # sorted batches do differ in targets

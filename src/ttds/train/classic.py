@@ -4,6 +4,11 @@ Recipe interface (see `ttds.recipes`): `train(cfg, ds, out_dir) -> metrics` and 
 
 - Data: leave-one-out; training sequences are seq[:-2]. Causal models learn every position of
   left-padded windows of length max_history + 1 (teacher forcing); "last" models get every prefix.
+- Batches are shuffled, then sorted by length within pools of `length_pool` batches (a batch drops
+  its all-padding columns). Such batches hold very different numbers of targets (a batch of short
+  windows has few), so with `target_weighted` each batch's mean loss is scaled by its share of the
+  epoch's targets: every target weighs the same, as with uniformly random batches (measured: same
+  validation NDCG@10 as random batches at the sorted batches' speed; unweighted was worse).
 - AdamW, gradient clipping, validation NDCG@10 after every `eval_every` epochs, early stopping
   after `patience` validations without improvement, `max_minutes` wall-clock budget.
 - Files in out_dir: model.safetensors (best weights) + model.json, last.safetensors (weights,
@@ -61,6 +66,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     max_minutes: float = 0.0
     length_pool: int = 50  # batches sorted by length within pools of this many (less padding); 1 = random batches
+    target_weighted: bool = True  # scale a batch's mean loss by its share of targets: every target weighs the same
 
 
 @dataclass
@@ -122,6 +128,13 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         out += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [out[i] for i in rng.permutation(len(out))]
+
+
+def target_weights(n_terms: np.ndarray, batches: list[np.ndarray]) -> np.ndarray:
+    """Per-batch factors for a loss that is the mean over the batch's targets: a batch's share of the
+    epoch's targets, relative to the average batch, so that every target weighs the same."""
+    per_batch = np.array([n_terms[idx].sum() for idx in batches], dtype=np.float64)
+    return per_batch / max(per_batch.mean(), 1e-12)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -234,14 +247,15 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         seed = int(cfg.get("seed", 0)) + epoch
         torch.manual_seed(dist.rank_seed(seed))
         batches = length_batches(lengths, tc.batch_size, np.random.default_rng(seed), max(1, tc.length_pool))
+        scale = target_weights(n_terms, batches) if tc.target_weighted else np.ones(len(batches))
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         total, count, over_budget = 0.0, 0, False
         bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not dist.is_main())
-        for idx in bar:
+        for b, idx in enumerate(bar):
             width = int(lengths[idx].max())  # windows are left-padded: keep the last `width` columns
             part, factor = dist.shard(idx, n_terms)  # this rank's part of the global batch
-            loss = net(users_all[part].to(device), seqs_all[part, -width:].to(device)) * factor
+            loss = net(users_all[part].to(device), seqs_all[part, -width:].to(device)) * (factor * scale[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
