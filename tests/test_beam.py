@@ -56,3 +56,45 @@ def test_user_tower_beam(model):
     prompt = model.codec.render("Item {item} was bought by: ", item=2)
     ent, _ = beam_search(model, [prompt], model.user_trie, model.user_group0, beam=6, k=6)
     assert sorted(ent[0].tolist()) == list(range(6))
+
+
+def test_common_prefix_length():
+    from ttds.models.beam import common_prefix_length
+
+    a = np.array([1, 2, 3, 4, 5])
+    assert common_prefix_length([a, np.array([1, 2, 3, 9])]) == 3
+    assert common_prefix_length([a, a.copy()]) == 4  # each prompt keeps at least its last token
+    assert common_prefix_length([a, np.array([7, 2, 3])]) == 0
+    assert common_prefix_length([a]) == 4
+
+
+def test_shared_prefix_gives_the_same_results(model):
+    from ttds.models.beam import shared_prefix
+
+    # prompts of different lengths sharing the instruction; one user without an ID (a shorter rest)
+    prompts = [model.codec.seqrec_prompt(u, list(range(n))) for u, n in [(0, 5), (3, 1), (5, 0), (None, 3)]]
+    prefix = shared_prefix(model, prompts)
+    assert prefix is not None and prefix[0] >= 2
+    full, s_full = beam_search(model, prompts, model.trie, 0, beam=20, k=10)
+    shared, s_shared = beam_search(model, prompts, model.trie, 0, beam=20, k=10, prefix=prefix)
+    assert torch.equal(full, shared)
+    assert torch.allclose(s_full, s_shared, atol=1e-4)
+    # and both equal exhaustive scoring when the beam covers the catalogue
+    ent, score = beam_search(model, prompts, model.trie, 0, beam=64, k=10, prefix=prefix)
+    for i, p in enumerate(prompts):
+        top = exhaustive_scores(model, p, model.item_index.codes).topk(10)
+        assert ent[i].tolist() == top.indices.tolist()
+        assert torch.allclose(score[i], top.values, atol=1e-4)
+
+
+def test_reserved_cache_refuses_overflow():
+    from ttds.models.beam import _ReservedLayer
+
+    layer = _ReservedLayer(capacity=3)
+    k = torch.randn(2, 1, 2, 4)
+    keys, _ = layer.update(k, k)
+    assert torch.equal(keys, k)
+    keys, _ = layer.update(k[:, :, :1], k[:, :, :1])
+    assert keys.shape[2] == 3 and torch.equal(keys[:, :, 2:], k[:, :, :1])
+    with pytest.raises(RuntimeError, match="capacity"):
+        layer.update(k, k)

@@ -11,11 +11,22 @@ time on MiniLM). At every level the ID-only head gives log-probabilities over th
 (normalised before the mask, like HF `generate`, which masks after its log-softmax), the trie's
 allowed-codes mask sets invalid codes to -inf, and the best W of the W x K_l candidates per user
 survive. Distinct beams are distinct trie paths, so the k returned items are valid and unique.
+
+Two savings that do not change any score:
+- Shared prefix. The prompts of a call usually start with the same tokens (the instruction before
+  the user's ID). Their keys/values depend only on those tokens and their positions (causal
+  attention), so `shared_prefix` computes them ONCE per call; each micro-batch starts its cache with
+  them and runs only the user-specific rest, laid out [prefix | left padding | rest] with the padding
+  masked and positions continuing after the prefix.
+- Reserved cache. HF's `DynamicCache` re-concatenates the whole cache at every level; `_ReservedLayer`
+  writes each level's keys/values into a buffer sized for prompt + all levels (12 % of the time before).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ttds.index.trie import IDTrie
 
@@ -30,14 +41,92 @@ def left_pad(prompts: list[np.ndarray], pad: int = 0, device="cpu") -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+class _ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` that writes new keys/values into a buffer of `capacity` positions instead of
+    concatenating the whole cache at every step; `keys`/`values` are views of the filled part. It can
+    start with a shared prefix's keys/values ([1, H, S, D], broadcast to the batch)."""
+
+    def __init__(self, capacity: int, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.capacity, self.prefix, self.n = capacity, prefix, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            B, H, _, D = key_states.shape
+            self.kbuf = key_states.new_empty(B, H, self.capacity, D)
+            self.vbuf = value_states.new_empty(B, H, self.capacity, D)
+        n = self.n + key_states.shape[-2]
+        if n > self.capacity:
+            raise RuntimeError(f"reserved KV cache: {n} positions > capacity {self.capacity}")
+        self.kbuf[:, :, self.n:n], self.vbuf[:, :, self.n:n] = key_states, value_states
+        self.n = n
+        self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
+        return self.keys, self.values
+
+    def start(self, batch: int) -> None:
+        """Fill the first S positions with the shared prefix for a batch of `batch` rows."""
+        k, v = self.prefix
+        self.lazy_initialization(k, v)
+        self.kbuf = k.new_empty(batch, k.shape[1], self.capacity, k.shape[3])
+        self.vbuf = v.new_empty(batch, v.shape[1], self.capacity, v.shape[3])
+        self.n = 0
+        self.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+
+
+def _reserved_cache(capacity: int, batch: int, prefix_kv: list | None = None) -> DynamicCache:
+    cache = DynamicCache()
+    if prefix_kv is None:
+        cache.layer_class_to_replicate = lambda: _ReservedLayer(capacity)
+    else:
+        cache.layer_class_to_replicate = None
+        cache.layers = [_ReservedLayer(capacity, kv) for kv in prefix_kv]
+        for layer in cache.layers:
+            layer.start(batch)
+    return cache
+
+
+def common_prefix_length(prompts: list[np.ndarray]) -> int:
+    """Length of the longest common prefix of all prompts, leaving every prompt at least one own token
+    (the last position's hidden state gives the first level's scores)."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        if n <= 0:
+            break
+        diff = np.flatnonzero(p[:n] != first[:n])
+        n = int(diff[0]) if len(diff) else n
+    return max(n, 0)
+
+
 @torch.no_grad()
-def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, beam: int = 20, k: int = 10):
-    """One batch. Returns (entities [B, k] long, -1 = none; log-prob scores [B, k])."""
+def shared_prefix(model, prompts: list[np.ndarray], min_length: int = 2):
+    """(S, per-layer [(keys, values)] of shape [1, H, S, D]) of the prompts' common first S tokens,
+    or None when they share fewer than `min_length` tokens."""
+    S = common_prefix_length(prompts)
+    if S < min_length:
+        return None
     device = model.id_bias.device
-    ids, attn = left_pad(prompts, device=device)
+    ids = torch.as_tensor(prompts[0][:S], device=device).unsqueeze(0)
+    _, cache = model.hidden(ids, torch.ones_like(ids), torch.arange(S, device=device).unsqueeze(0), use_cache=True)
+    return S, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.no_grad()
+def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, beam: int = 20, k: int = 10,
+                prefix=None):
+    """One batch. Returns (entities [B, k] long, -1 = none; log-prob scores [B, k]). `prefix`: the
+    prompts' shared first tokens' keys/values from `shared_prefix` (None: run the whole prompts)."""
+    device = model.id_bias.device
+    S = prefix[0] if prefix is not None else 0
+    ids, attn = left_pad([p[S:] for p in prompts], device=device)
     B, P = ids.shape
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    h, cache = model.hidden(ids, attn, pos, use_cache=True)
+    pos = S + (attn.cumsum(1) - 1).clamp(min=0)
+    capacity = S + P + beam * (trie.n_levels - 1)
+    cache = _reserved_cache(capacity, B, prefix[1] if prefix is not None else None)
+    if S:
+        attn = torch.cat([attn.new_ones(B, S), attn], 1)  # [prefix | padding | own tokens]
+        P += S
+    h, cache = model.hidden(ids, attn, pos, past_key_values=cache, use_cache=True)
     logp = torch.log_softmax(model.level_logits(h[:, -1], group0).float(), -1)
     node = trie.root(B)
     logp = logp.masked_fill(~trie.allowed(node, 0), float("-inf"))
@@ -78,12 +167,14 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
 @torch.no_grad()
 def beam_search_prompts(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, beam: int = 20, k: int = 10,
                         batch: int = 32):
-    """Many prompts: sorted by length into micro-batches of `batch` (little padding), original order kept."""
+    """Many prompts: sorted by length into micro-batches of `batch` (little padding), original order kept;
+    their common prefix is run once for all (`shared_prefix`)."""
     order = np.argsort([len(p) for p in prompts], kind="stable")
+    prefix = shared_prefix(model, prompts) if len(prompts) > 1 else None
     ents, scores = torch.full((len(prompts), k), -1, dtype=torch.long), torch.full((len(prompts), k), float("-inf"))
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
-        e, sc = beam_search(model, [prompts[i] for i in idx], trie, group0, beam, k)
+        e, sc = beam_search(model, [prompts[i] for i in idx], trie, group0, beam, k, prefix)
         ents[torch.as_tensor(idx)], scores[torch.as_tensor(idx)] = e.cpu(), sc.cpu()
     return ents, scores
 
