@@ -1,0 +1,173 @@
+"""Evaluation speed of the generative recommender: `evaluate()` (trie-constrained beam search, the
+metrics pipeline) over N test users of a dataset, users/s, and the full test set's time
+EXTRAPOLATED from it (not measured).
+
+Beam-search cost depends on shapes only (prompt lengths, beam, ID levels, model size), not on the
+weights: the default model is an UNTRAINED `ttss` model (MiniLM backbone) on the dataset's item
+index (e.g. the Games RQ-VAE index) with a random user index; its metrics are meaningless and are not
+reported. `--model-dir` times a trained model instead.
+
+Variants, side by side in one run (same model, same users):
+  engine            the current engine (`ttds.models.beam`), at each `--beam-batch` size
+  no-shared-prefix  the same without running the prompts' common prefix once (`shared_prefix` off)
+  baseline          `--baseline FILE`: another version of beam.py (e.g. `git show HEAD~1:src/ttds/models/beam.py`)
+
+    python benchmarks/eval_speed.py --data /work/shared/data/Games --item-index runs/index-Games-item-rqvae/index.json \\
+        --users 1000 --threads 1 --beam-batch 32 --no-prefix --baseline /tmp/beam_old.py
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def untrained_model(data_spec: str, ds, item_index: str, seed: int = 0):
+    from ttds.config import load_config
+    from ttds.index.base import SemanticIndex
+    from ttds.train.generative import _backbone, build_model, tower_index
+
+    cfg = load_config(model="ttss", dataset=ds.name)
+    torch.manual_seed(seed)
+    items = SemanticIndex.load(item_index, "item")
+    if items.n != ds.n_items:
+        raise SystemExit(f"{item_index}: {items.n} items, {data_spec} has {ds.n_items}")
+    with tempfile.TemporaryDirectory() as tmp:
+        users = tower_index(cfg, ds, None, "user", "random", Path(tmp))
+    return cfg, build_model(cfg, _backbone(cfg, "cpu"), items, users).eval()
+
+
+def cpu_peak_flops(n: int = 1024, repeats: int = 20) -> float:
+    """Dense fp32 matmul FLOP per CPU-second of this process (CPU time: other load on a shared machine
+    does not count), to compare with the engine's FLOP per CPU-second."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    c = time.process_time()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.process_time() - c)
+
+
+def time_eval(model, evalset, label: str) -> dict:
+    from ttds.eval.evaluator import evaluate
+
+    m = evaluate(model, evalset, batch_size=1024, progress=False)
+    return {"variant": label, "users": m["n"], "wall_s": m["eval_seconds"], "cpu_s": m["eval_cpu_seconds"],
+            "users_per_s": m["n"] / m["eval_seconds"], "users_per_cpu_s": m["n"] / max(m["eval_cpu_seconds"], 1e-9),
+            "load_1m": os.getloadavg()[0]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--item-index", help="item index JSON (untrained model); the dataset's index when omitted")
+    ap.add_argument("--model-dir", help="a trained generative run folder instead of an untrained model")
+    ap.add_argument("--users", type=int, default=1000, help="test users timed (the first N of the test split)")
+    ap.add_argument("--beam", type=int, default=20)
+    ap.add_argument("--beam-batch", default="32", help="users per beam-search micro-batch; comma list = sweep")
+    ap.add_argument("--no-prefix", action="store_true", help="also time without the shared-prefix cache")
+    ap.add_argument("--baseline", help="also time this file's beam_search_prompts (an older beam.py)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target-minutes", type=float, default=15.0)
+    ap.add_argument("--out", default=None, help="default benchmarks/results/eval_speed-<dataset>.json (+ .md)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from ttds.data.dataset import EvalSet, leave_one_out
+    from ttds.data.readers import load_dataset
+    from ttds.io import write_json, write_text
+    from ttds.models import beam
+    from ttds.runtime import machine_info
+
+    ds = load_dataset(args.data)
+    if args.model_dir:
+        from ttds.recipes import load_model
+
+        cfg, model = load_model(args.model_dir, "cpu")
+        what = f"trained model {args.model_dir}"
+    else:
+        index = args.item_index or str(Path(args.data) / f"{ds.name}.index.json")
+        cfg, model = untrained_model(args.data, ds, index)
+        what = f"UNTRAINED ttss/minilm model, item index {index}, random user index (speed only)"
+    model.beam = args.beam
+    test = leave_one_out(ds, int(cfg["data"]["max_history"])).test
+    n = min(args.users, len(test))
+    sub = EvalSet(test.users[:n], test.history[:n], test.target[:n])
+    prompts = model.prompts(sub.users, sub.history)
+    info = {"dataset": ds.name, "model": what, "levels": list(model.item_index.level_sizes), "beam": args.beam,
+            "threads": args.threads, "timed_users": n, "full_test_users": len(test),
+            "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])),
+            "shared_prefix_tokens": beam.common_prefix_length(prompts), "machine": machine_info()}
+
+    # compute bound: forward FLOPs per user (own prompt tokens + one token per beam per later level) vs a
+    # dense matmul peak measured now on the same threads
+    from ttds.train.engine import train_flops_per_token
+
+    S = info["shared_prefix_tokens"]
+    tokens = info["mean_prompt_tokens"] - S + args.beam * (model.trie.n_levels - 1)
+    info["forward_tokens_per_user"] = tokens
+    info["forward_flops_per_user"] = tokens * train_flops_per_token(model, int(info["mean_prompt_tokens"]) + 40) / 3
+    info["dense_peak_flops_per_cpu_s"] = cpu_peak_flops()
+    info["users_per_cpu_s_bound_at_peak"] = info["dense_peak_flops_per_cpu_s"] / info["forward_flops_per_user"]
+
+    engine = beam.beam_search_prompts
+    rows = []
+    model.beam_batch = int(args.beam_batch.split(",")[0])
+    time_eval(model, EvalSet(sub.users[:64], sub.history[:64], sub.target[:64]), "warm-up")
+    for bb in [int(b) for b in args.beam_batch.split(",")]:
+        model.beam_batch = bb
+        rows.append({**time_eval(model, sub, f"engine, beam_batch {bb}"), "beam_batch": bb})
+    model.beam_batch = int(args.beam_batch.split(",")[0])
+    if args.no_prefix:
+        keep = beam.shared_prefix
+        beam.shared_prefix = lambda *a, **k: None
+        try:
+            rows.append({**time_eval(model, sub, f"no shared prefix, beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
+        finally:
+            beam.shared_prefix = keep
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("beam_baseline", args.baseline)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        beam.beam_search_prompts = old.beam_search_prompts  # recommend() imports it at call time
+        try:
+            rows.append({**time_eval(model, sub, f"baseline {Path(args.baseline).name}, beam_batch {model.beam_batch}"),
+                         "beam_batch": model.beam_batch})
+        finally:
+            beam.beam_search_prompts = engine
+    for r in rows:
+        r["achieved_flops_per_cpu_s"] = r["users_per_cpu_s"] * info["forward_flops_per_user"]
+        r["extrapolated_full_test_min"] = len(test) / r["users_per_s"] / 60
+        r["extrapolated_full_test_min_cpu"] = len(test) / r["users_per_cpu_s"] / 60
+    need = len(test) / (args.target_minutes * 60)
+    res = {**info, "target_users_per_s": need, "rows": rows}
+    out = Path(args.out or f"benchmarks/results/eval_speed-{ds.name}.json")
+    write_json(out, res)
+    lines = [f"# evaluate() speed, {ds.name}: {what}", "",
+             f"{n} of {len(test)} test users timed; beam {args.beam}; ID levels {info['levels']}; "
+             f"mean prompt {info['mean_prompt_tokens']:.1f} tokens, shared prefix {info['shared_prefix_tokens']}; "
+             f"{args.threads} thread(s). Full-test times are EXTRAPOLATED from the timed users. "
+             f"Target: {args.target_minutes:g} min = {need:.1f} users/s.", "",
+             f"Compute bound: {info['forward_tokens_per_user']:.0f} forward tokens per user (own prompt tokens + "
+             f"{args.beam} beams x {model.trie.n_levels - 1} levels) = {info['forward_flops_per_user'] / 1e9:.2f} GFLOP; "
+             f"dense 1024^2 matmul measured now: {info['dense_peak_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-second "
+             f"-> at most {info['users_per_cpu_s_bound_at_peak']:.1f} users per CPU-second.", "",
+             "| variant | users/s (wall) | users per CPU-s | GFLOP per CPU-s | extrapolated full test, min (wall) | (CPU) | load 1m |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['users_per_s']:.2f} | {r['users_per_cpu_s']:.2f} | {r['achieved_flops_per_cpu_s'] / 1e9:.0f} | "
+              f"{r['extrapolated_full_test_min']:.1f} | "
+              f"{r['extrapolated_full_test_min_cpu']:.1f} | {r['load_1m']:.1f} |" for r in rows]
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
