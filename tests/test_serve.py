@@ -22,7 +22,8 @@ import torch
 from ttds.data.dataset import TEXT_FIELDS
 from ttds.data.readers import load_dataset
 from ttds.index.base import SemanticIndex
-from ttds.serve.engine import RecommenderEngine, assign_new_id
+from ttds.index.collisions import assign_new_id
+from ttds.serve.engine import RecommenderEngine
 
 from fastapi.testclient import TestClient
 from ttds.serve.app import create_app

@@ -125,3 +125,26 @@ def code_report(raw: np.ndarray, final: np.ndarray, level_sizes: list[int]) -> d
         "levels": level_usage(raw, level_sizes),
         "levels_after": int(final.shape[1]) if final.ndim == 2 else 0,
     }
+
+
+def assign_new_id(index, base_codes) -> tuple[np.ndarray, list[int]]:
+    """Semantic ID for one new item from its tokenizer codes, with TTDS collision handling.
+
+    `index` is a SemanticIndex whose last level is the disambiguation level (prefix `p`) when
+    `len(base_codes) == index.n_levels - 1`; the new item gets the first disambiguation code not used by
+    the items sharing its base codes. Returns (the index's new codes array, new level sizes).
+    """
+    base = np.asarray(base_codes, dtype=np.int64).reshape(-1)
+    codes, sizes = index.codes, list(index.level_sizes)
+    if len(base) == index.n_levels:  # no disambiguation level: the ID must be free as it is
+        if len(codes) and (codes == base).all(axis=1).any():
+            raise TTDSError(f"new item: semantic ID {base.tolist()} is taken and the index has no disambiguation level")
+        row = base
+    elif len(base) == index.n_levels - 1:
+        same = (codes[:, :-1] == base).all(axis=1) if len(codes) else np.zeros(0, bool)
+        used = set(codes[same, -1].tolist())
+        row = np.append(base, next(j for j in range(len(used) + 1) if j not in used))
+    else:
+        raise ValueError(f"assign_new_id: {len(base)} codes for an index of {index.n_levels} levels")
+    sizes = [max(s, int(c) + 1) for s, c in zip(sizes, row)]
+    return np.vstack([codes, row[None]]) if len(codes) else row[None], sizes

@@ -190,7 +190,7 @@ class GenerativeRecommender(nn.Module):
     @staticmethod
     def _new_id(index: SemanticIndex, base_codes) -> np.ndarray:
         """All codes of `index` plus the new entity's row; TTDSError when a code exceeds its level's size."""
-        from ttds.serve.engine import assign_new_id
+        from ttds.index.collisions import assign_new_id
 
         codes, sizes = assign_new_id(index, base_codes)
         full = [l for l, (s, k) in enumerate(zip(sizes, index.level_sizes)) if s > k]

@@ -11,7 +11,7 @@ New items (POST /v1/items): a model that can take new items without retraining i
     supports_new_items: bool                       # optional (default: has add_item)
 
 i.e. it encodes the item text, quantises it with its item tower, resolves a collision with
-`assign_new_id` below (TTDS rule: the first free disambiguation code), extends its prefix trie so
+`ttds.index.collisions.assign_new_id` (TTDS rule: the first free disambiguation code), extends its prefix trie so
 constrained beam search can produce the new ID, and from then on recommends from n_items + 1 items.
 The generative models do (`GenerativeRecommender.add_item`, with the coders of `ttds.serve.new_items`);
 a TTDSError from add_item (e.g. a full disambiguation level) answers 409, and so does a model with a
@@ -78,29 +78,6 @@ def model_version(model_dir: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return f"{root.resolve().name}-{h.hexdigest()[:12]}"
-
-
-def assign_new_id(index, base_codes) -> tuple[np.ndarray, list[int]]:
-    """Semantic ID for one new item from its tokenizer codes, with TTDS collision handling.
-
-    `index` is a SemanticIndex whose last level is the disambiguation level (prefix `p`) when
-    `len(base_codes) == index.n_levels - 1`; the new item gets the first disambiguation code not used by
-    the items sharing its base codes. Returns (the index's new codes array, new level sizes).
-    """
-    base = np.asarray(base_codes, dtype=np.int64).reshape(-1)
-    codes, sizes = index.codes, list(index.level_sizes)
-    if len(base) == index.n_levels:  # no disambiguation level: the ID must be free as it is
-        if len(codes) and (codes == base).all(axis=1).any():
-            raise TTDSError(f"new item: semantic ID {base.tolist()} is taken and the index has no disambiguation level")
-        row = base
-    elif len(base) == index.n_levels - 1:
-        same = (codes[:, :-1] == base).all(axis=1) if len(codes) else np.zeros(0, bool)
-        used = set(codes[same, -1].tolist())
-        row = np.append(base, next(j for j in range(len(used) + 1) if j not in used))
-    else:
-        raise ValueError(f"assign_new_id: {len(base)} codes for an index of {index.n_levels} levels")
-    sizes = [max(s, int(c) + 1) for s, c in zip(sizes, row)]
-    return np.vstack([codes, row[None]]) if len(codes) else row[None], sizes
 
 
 class RecommenderEngine:

@@ -2,7 +2,7 @@
 
 A `TextCoder` turns text into a text vector and the vector into *base codes* (the codes before the
 disambiguation level); the generative model then gives the entity a free semantic ID with the TTDS
-collision rule (`ttds.serve.engine.assign_new_id`: the first unused disambiguation code) and extends
+collision rule (`ttds.index.collisions.assign_new_id`: the first unused disambiguation code) and extends
 its index, trie and prompt codec (`GenerativeRecommender.add_item`).
 
 Rule per index kind (what the run folder keeps, see `ttds.index.build.save_build`):
