@@ -10,6 +10,7 @@ reported. `--model-dir` times a trained model instead.
 Variants, side by side in one run (same model, same users):
   engine            the current engine (`ttds.models.beam`), at each `--beam-batch` size
   no-shared-prefix  the same without running the prompts' common prefix once (`shared_prefix` off)
+  no-prune          the same without skipping hopeless beams at the last level (`prune_last=False`)
   baseline          `--baseline FILE`: another version of beam.py (e.g. `git show HEAD~1:src/ttds/models/beam.py`)
 
     python benchmarks/eval_speed.py --data /work/shared/data/Games --item-index runs/index-Games-item-rqvae/index.json \\
@@ -18,6 +19,7 @@ Variants, side by side in one run (same model, same users):
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -73,6 +75,7 @@ def main():
     ap.add_argument("--beam", type=int, default=20)
     ap.add_argument("--beam-batch", default="32", help="users per beam-search micro-batch; comma list = sweep")
     ap.add_argument("--no-prefix", action="store_true", help="also time without the shared-prefix cache")
+    ap.add_argument("--no-prune", action="store_true", help="also time without last-level beam pruning")
     ap.add_argument("--baseline", help="also time this file's beam_search_prompts (an older beam.py)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-minutes", type=float, default=15.0)
@@ -132,6 +135,13 @@ def main():
             rows.append({**time_eval(model, sub, f"no shared prefix, beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
         finally:
             beam.shared_prefix = keep
+    if args.no_prune:
+        keep = beam.beam_search
+        beam.beam_search = functools.partial(keep, prune_last=False)  # beam_search_prompts looks it up per call
+        try:
+            rows.append({**time_eval(model, sub, f"no last-level pruning, beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
+        finally:
+            beam.beam_search = keep
     if args.baseline:
         spec = importlib.util.spec_from_file_location("beam_baseline", args.baseline)
         old = importlib.util.module_from_spec(spec)
@@ -159,7 +169,7 @@ def main():
              f"{args.beam} beams x {model.trie.n_levels - 1} levels) = {info['forward_flops_per_user'] / 1e9:.2f} GFLOP; "
              f"dense 1024^2 matmul measured now: {info['dense_peak_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-second "
              f"-> at most {info['users_per_cpu_s_bound_at_peak']:.1f} users per CPU-second.", "",
-             "| variant | users/s (wall) | users per CPU-s | GFLOP per CPU-s | extrapolated full test, min (wall) | (CPU) | load 1m |",
+             "| variant | users/s (wall) | users per CPU-s | GFLOP per CPU-s (engine's FLOPs per user) | extrapolated full test, min (wall) | (CPU) | load 1m |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['users_per_s']:.2f} | {r['users_per_cpu_s']:.2f} | {r['achieved_flops_per_cpu_s'] / 1e9:.0f} | "
               f"{r['extrapolated_full_test_min']:.1f} | "

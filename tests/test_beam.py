@@ -98,3 +98,24 @@ def test_reserved_cache_refuses_overflow():
     assert keys.shape[2] == 3 and torch.equal(keys[:, :, 2:], k[:, :, :1])
     with pytest.raises(RuntimeError, match="capacity"):
         layer.update(k, k)
+
+
+def test_last_level_pruning_is_exact_and_skips_beams(model):
+    prompts = [model.codec.seqrec_prompt(u % 6, list(range(u % 7))) for u in range(6)]
+    fed = []
+    hidden = model.hidden
+
+    def counting(ids, *a, **kw):
+        fed.append(ids.numel())
+        return hidden(ids, *a, **kw)
+
+    model.hidden = counting
+    try:
+        full, s_full = beam_search(model, prompts, model.trie, 0, beam=20, k=5, prune_last=False)
+        n_full, fed[:] = sum(fed), []
+        pruned, s_pruned = beam_search(model, prompts, model.trie, 0, beam=20, k=5)
+        n_pruned = sum(fed)
+    finally:
+        del model.hidden
+    assert torch.equal(full, pruned) and torch.allclose(s_full, s_pruned, atol=1e-5)
+    assert n_pruned < n_full  # peaked scores: beams below the 5th best child are not fed
