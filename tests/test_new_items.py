@@ -112,11 +112,14 @@ def test_nearest_neighbour_rule_without_saved_tokenizer(run_dir, tmp_path, one_t
     shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("tokenizer.item"))
     eng = load_engine(d, DATA, threads=1)
     assert eng.model.item_coder.rule == "nearest"
-    fields = eng.item_fields(7)
+    idx = eng.model.item_index
+    free = idx.level_sizes[-1] - np.array([(idx.codes[:, :-1] == c[:-1]).all(1).sum() for c in idx.codes])
+    i = int(np.flatnonzero(free >= 2)[0])  # an item whose prefix has room for two more (the level size is fixed)
+    fields = eng.item_fields(i)
     item, tokens = eng.add_item(dict(fields))
-    assert tokens[:-1] == eng.item_tokens(7)[:-1] and tokens[-1] != eng.item_tokens(7)[-1]
+    assert tokens[:-1] == eng.item_tokens(i)[:-1] and tokens[-1] != eng.item_tokens(i)[-1]
     item2, tokens2 = eng.add_item(dict(fields))  # the copy of a copy: the new item itself may be the neighbour
-    assert tokens2[:-1] == tokens[:-1] and len({tokens[-1], tokens2[-1], eng.item_tokens(7)[-1]}) == 3
+    assert tokens2[:-1] == tokens[:-1] and len({tokens[-1], tokens2[-1], eng.item_tokens(i)[-1]}) == 3
 
 
 def test_scores_are_id_log_probabilities_and_evaluator_api_kept(engine):
