@@ -11,7 +11,7 @@ from pathlib import Path
 from ttds.bench.suites import REFERENCE
 from ttds.io import read_json
 
-RECBOLE_SECONDS_PER_EPOCH = 100.0  # measured on this machine, 2 cores, same settings (issue 3)
+RECBOLE_SECONDS_PER_EPOCH = 159.2  # RecBole 1.2.1 CPU s per epoch, 1 thread, same settings (benchmarks/results/recbole_anchor-Instruments.md)
 
 
 def main(dirs: list[str]) -> None:
