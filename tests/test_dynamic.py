@@ -118,6 +118,43 @@ def test_reassignment_keeps_ids_unique_and_trie_consistent(bb_dir, ds, tmp_path)
     assert model.reassign()["user"] == 0.0 and np.array_equal(model.user_index.codes, keep)
 
 
+def test_sticky_reassignment_changes_only_clear_winners(bb_dir, ds, tmp_path):
+    """margin 0 = the plain nearest-code assignment; a margin keeps near-ties, so fewer codes change;
+    the per-level shares of changed codes are reported."""
+    model, _ = _model(bb_dir, ds, tmp_path)
+    tok, x = model.towers["item"].tokenizer, model.towers["item"].x
+    g = torch.Generator().manual_seed(3)
+    moved = x + 0.3 * x.std() * torch.randn(x.shape, generator=g)
+    old = tok.encode(x)
+    assert torch.equal(tok.encode(moved, keep=old, margin=0.0), tok.encode(moved))
+    plain = (tok.encode(moved) != old).any(1).float().mean()
+    sticky = (tok.encode(moved, keep=old, margin=0.5) != old).any(1).float().mean()
+    assert 0 < plain and sticky < plain
+    assert torch.equal(tok.encode(x, keep=old, margin=0.5), old)  # nothing moved: nothing changes
+    model.towers["item"].set_text(moved)
+    r = model.reassign(margin=0.5)
+    assert len(r["item_levels"]) == model.item_index.n_levels and 0 < r["item"] <= 1
+    assert model.item_index.is_unique()
+
+
+def test_token_loss_trains_the_tokenizer_as_an_autoencoder_and_free_rows_start_at_zero(bb_dir, ds, tmp_path):
+    model, _ = _model(bb_dir, ds, tmp_path)
+    t = model.towers["item"]
+    t.token_loss(torch.arange(10)).backward()  # the reconstruction reaches the tokenizer's decoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.tokenizer.decoder.parameters())
+    # ID embedding = P(codebook) + a free row that starts at zero (and is trained: it gets gradient)
+    g = model.groups.index(("item", 0, t.level_sizes[0]))
+    s, k = model.offsets[g], t.level_sizes[0]
+    with torch.no_grad():
+        assert torch.allclose(model.id_table()[s:s + k], t.level_embeddings(0))
+    model.zero_grad(set_to_none=True)
+    model.id_table()[s:s + k].sum().backward()
+    assert model.id_emb.grad[s:s + k].abs().sum() > 0 and t.tokenizer.codebooks[0].grad.abs().sum() > 0
+    # dynamic.id_rows=false: the projection only
+    proj_only, _ = _model(bb_dir, ds, tmp_path / "p", extra=("dynamic.id_rows=false",))
+    assert not proj_only.free_rows and "id_rows" not in proj_only.state_dict()
+
+
 def test_each_loss_term_follows_its_flag(bb_dir, ds, tmp_path, monkeypatch):
     # STDS: no user tower, no user tokens anywhere
     stds, cfg = _model(bb_dir, ds, tmp_path / "stds", "stds")

@@ -174,11 +174,31 @@ class RQVAE(nn.Module):
         return self
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-        """Codes [n, M] (before any collision handling)."""
+    def encode(self, x: torch.Tensor, batch_size: int = 8192, keep: torch.Tensor | None = None, margin: float = 0.0) -> torch.Tensor:
+        """Codes [n, M] (before any collision handling).
+
+        With `keep` (current codes [n, M]) the assignment is sticky: at each level an entity keeps its
+        current code unless the nearest code is closer than it by more than `margin` (relative:
+        d_keep > (1 + margin) * d_best), and the residual continues from the code chosen. Margin 0 is
+        the plain nearest-code assignment; re-assigning a jointly trained tokenizer with it flips the
+        near-ties of the deep levels (small residuals) on every re-assignment."""
         was = self.training
         self.eval()
-        out = [self.quantize(self.embed(x[i:i + batch_size])).codes for i in range(0, len(x), batch_size)]
+        out = []
+        for i in range(0, len(x), batch_size):
+            z = self.embed(x[i:i + batch_size])
+            if keep is None:
+                out.append(self.quantize(z).codes)
+                continue
+            old, codes = keep[i:i + batch_size].to(z.device), []
+            for level, cb in enumerate(self.codebooks):
+                d = pairwise_distance(z, cb, self.cfg.distance)
+                best = d.argmin(1)
+                stay = d.gather(1, old[:, level:level + 1]).squeeze(1) <= (1 + margin) * d.gather(1, best[:, None]).squeeze(1)
+                code = torch.where(stay, old[:, level], best)
+                codes.append(code)
+                z = z - cb[code]
+            out.append(torch.stack(codes, 1))
         self.train(was)
         return torch.cat(out) if out else torch.zeros(0, self.cfg.levels, dtype=torch.long)
 

@@ -12,8 +12,9 @@ Steps (see `ttds.models.ttds` for how the losses reach the tokenizers):
      backbone `train.lr`, ID head `train.id_lr`, tokenizers `dynamic.tokenizer_lr`, paper 5e-4),
      warm-up + cosine schedule;
   5. every `dynamic.reassign_every` epochs (or `dynamic.reassign_steps` steps): X re-encoded with the
-     current backbone (`dynamic.refresh_text`), codes of all items and users re-assigned, collisions
-     re-resolved, tries and prompts rebuilt; the share of changed IDs is logged and kept in metrics;
+     current backbone (`dynamic.refresh_text`), codes of all items and users re-assigned (sticky:
+     `dynamic.reassign_margin`), collisions re-resolved, tries and prompts rebuilt; the share of
+     changed IDs (in all and per level) is logged and kept in metrics;
   6. optional late freeze (`dynamic.freeze_last_epochs`, ETEGRec-style): no re-assignment and frozen
      tokenizers in the final epochs;
   7. validation NDCG@10 with early stopping; the best weights (with the index they were trained
@@ -60,6 +61,8 @@ class DynamicConfig:
     reassign_every: int = 1  # epochs between code re-assignments (0 = never by epochs)
     reassign_steps: int = 0  # optimizer steps between re-assignments (0 = by epochs)
     refresh_text: bool = True  # re-encode X = f(C) with the current backbone at each re-assignment
+    reassign_margin: float = 0.5  # sticky re-assignment: a code changes only if another is closer by > this share
+    id_rows: bool = True  # ID embedding = P(codebook) + a free row (zero at start); false: P(codebook) only
     freeze_last_epochs: int = 0  # ETEGRec-style: no re-assignment, frozen tokenizers in the final epochs
     disambig_capacity: int = 64  # size of the disambiguation level (fixed token space)
 
@@ -104,12 +107,13 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
     return t
 
 
-def _finish_model(cfg: dict, backbone, towers: dict[str, TowerTokenizer], indices: dict) -> TTDSRecommender:
+def _finish_model(cfg: dict, backbone, towers: dict[str, TowerTokenizer], indices: dict,
+                  free_rows: bool) -> TTDSRecommender:
     tc = section(cfg, "tasks", TaskConfig)
     ec = section(cfg, "eval", GenEvalConfig)
     if not 0 <= ec.template < len(templates.SEQREC):
         raise TTDSError(f"config eval.template={ec.template}: expected 0..{len(templates.SEQREC) - 1}")
-    model = TTDSRecommender(backbone, indices["item"], indices.get("user"), towers, tc.max_text_tokens)
+    model = TTDSRecommender(backbone, indices["item"], indices.get("user"), towers, tc.max_text_tokens, free_rows)
     model.beam, model.beam_batch, model.eval_template = ec.beam, ec.beam_batch, ec.template
     return model
 
@@ -121,7 +125,7 @@ def build_model(cfg: dict, ds: RecDataset, backbone, out: Path) -> TTDSRecommend
     towers = {"item": _tower(cfg, ds, backbone, "item", ic.source, out, dyn)}
     if ic.user:
         towers["user"] = _tower(cfg, ds, backbone, "user", ic.user_source, out, dyn)
-    return _finish_model(cfg, backbone, towers, {name: t.assign() for name, t in towers.items()})
+    return _finish_model(cfg, backbone, towers, {name: t.assign() for name, t in towers.items()}, dyn.id_rows)
 
 
 def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRecommender:
@@ -141,7 +145,7 @@ def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRec
         towers[tower] = t
         indices[tower] = SemanticIndex(tensors[f"{tower}_codes"].numpy(), t.level_sizes,
                                        level_prefixes(tower, t.n_code_levels, t.collision != "none"), tower)
-    return _finish_model(cfg, backbone, towers, indices)
+    return _finish_model(cfg, backbone, towers, indices, "id_rows" in tensors)
 
 
 def param_groups(model: TTDSRecommender, tc: GenTrainConfig, dyn: DynamicConfig) -> list[dict]:
@@ -194,12 +198,12 @@ def dm_vae_term(model: TTDSRecommender, lc: LossConfig, seed: int) -> tuple[torc
     return lc.alpha * total, parts
 
 
-def reassign(model: TTDSRecommender, texts: dict[str, list[str]] | None) -> dict:
-    """Re-encode X (optional), re-assign every code, and make rank 0's indices every rank's (torchrun)."""
+def reassign(model: TTDSRecommender, texts: dict[str, list[str]] | None, margin: float = 0.0) -> dict:
+    """Re-encode X (optional), re-assign every code (sticky by `margin`), and make rank 0's indices every rank's."""
     t0 = time.perf_counter()
     if texts is not None:
         refresh_text(model, texts)
-    changed = model.reassign()
+    changed = model.reassign(margin)
     dist.sync_model_index(model)
     changed["seconds"] = round(time.perf_counter() - t0, 2)
     return changed
@@ -252,12 +256,13 @@ class DynamicTrainer(LMTrainer):
     def do_reassign(self) -> None:
         s = self.state
         with self.full_params():
-            r = reassign(self.model, self.texts)
+            r = reassign(self.model, self.texts, self.dyn.reassign_margin)
         self.data = self.new_task_data(self.data.buyers)
         s["reassign_seconds"] += r["seconds"]
         s["reassign"].append({"step": s["step"], **r})
         log.info("step %d: codes re-assigned, changed IDs: %s (%.1fs)", s["step"],
-                 ", ".join(f"{k} {v:.1%}" for k, v in r.items() if k != "seconds"), r["seconds"])
+                 ", ".join(f"{k} {v:.1%} (levels {r.get(k + '_levels')})" for k, v in r.items()
+                           if k in ("item", "user")), r["seconds"])
 
     def after_step(self, parts: dict) -> bool:
         s, dyn = self.state, self.dyn
