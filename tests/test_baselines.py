@@ -191,3 +191,21 @@ def test_target_weights_make_every_target_count_the_same():
     per_target = [scale[b] / n_terms[idx].sum() for b, idx in enumerate(batches)]  # mean loss * scale
     assert np.allclose(per_target, per_target[0]) and np.isclose(scale.mean(), 1.0)
     assert scale.max() > 2 * scale.min()  # sorted batches do differ in targets
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrec_bce", "gru4rec", "caser", "hgn"])
+def test_no_position_sees_the_items_after_it(name, tiny):
+    """Every model trained on all positions of a window (train_mode "all"; FMLP-Rec trains on prefixes,
+    BERT4Rec on masked items) predicts position t+1 from items <= t only: changing the later items must
+    not change the state at t (a leak would inflate every metric, e.g. HGN's strong Instruments row)."""
+    torch.manual_seed(0)
+    model = build_model(load_config(model=name), tiny.n_items, tiny.n_users).eval()
+    assert model.train_mode == "all"
+    users = torch.tensor([0, 1])
+    a = torch.tensor([[-1, 4, 9, 2, 7, 30, 11, 5], [3, 5, 8, 13, 21, 34, 55, 60]])
+    b = a.clone()
+    b[:, 5:] = torch.tensor([[70, 71, 72], [80, 81, 82]])
+    with torch.no_grad():
+        ha, hb = model.encode(users, model.to_internal(a)), model.encode(users, model.to_internal(b))
+    torch.testing.assert_close(ha[:, :5], hb[:, :5], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ha[:, 5:], hb[:, 5:])
