@@ -15,8 +15,8 @@ How the recommendation loss reaches the tokenizers (the design choice of this im
     constrained embedding. Levels without a codebook (the disambiguation level that makes IDs unique,
     and every level of an LSH index) have only their free rows.
   * L_ID pulls the backbone's representation of an entity's ID sequence (mean of the last hidden
-    states over its ID tokens) towards that entity's text representation X_e (cosine distance, both centred
-    on the tower's mean X so that a common direction cannot satisfy it). Its
+    states over its ID tokens) towards that entity's text representation X_e (cosine distance, each
+    centred on its own mean so that a common direction cannot satisfy it). Its
     gradient reaches the backbone and, through the tied embeddings, the codebooks.
   * L_Token is the per-level residual term of the RQ-VAE (codebook + commitment) plus the tokenizer's
     reconstruction, computed on X_e; it trains the tokenizer's encoder and keeps the codebooks on the
@@ -243,14 +243,26 @@ class TTDSRecommender(GenerativeRecommender):
         h = self.hidden(ids, attn, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
         return h[:, len(bos):].mean(1)
 
-    def dm_vae_loss(self, entities: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, dict]:
-        """L_DM-VAE = L_ID + beta * L_Token over a sample of entities per tower (eq. 12-14)."""
+    def dm_vae_loss(self, entities: dict[str, torch.Tensor], beta: float,
+                    sample: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+        """L_DM-VAE = L_ID + beta * L_Token over a sample of entities per tower (eq. 12-14).
+
+        L_ID compares centred vectors, each in its own space: X_e minus the tower's mean X, and h_e minus
+        the mean h over the whole `sample` (no gradient through that mean; under torchrun `entities` is
+        this rank's part of the sample, so every rank centres alike). A shared direction cannot satisfy
+        it; centring h on the mean X instead made the constant offset between the two spaces dominate
+        (L_ID started near 1.9, i.e. anti-aligned, and settled near 1.0: no alignment)."""
         l_id = l_tok = self.id_emb.new_zeros(())
         for tower, ents in entities.items():
             t = self.towers[tower]
-            centre = t.x.mean(0)  # compare centred vectors: a shared direction must not satisfy L_ID
             h = self.id_representation(tower, ents)
-            l_id = l_id + (1 - F.cosine_similarity(h - centre, t.x[ents] - centre, dim=-1)).mean()
+            full = None if sample is None else sample.get(tower)
+            if full is None or torch.equal(full, ents):
+                h_mean = h.detach().mean(0)
+            else:
+                with torch.no_grad():
+                    h_mean = self.id_representation(tower, full).mean(0)
+            l_id = l_id + (1 - F.cosine_similarity(h - h_mean, t.x[ents] - t.x.mean(0), dim=-1)).mean()
             if beta:
                 l_tok = l_tok + t.token_loss(ents)
         return l_id + beta * l_tok, {"l_id": float(l_id.detach()), "l_token": float(l_tok.detach())}

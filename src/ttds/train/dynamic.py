@@ -192,7 +192,7 @@ def dm_vae_term(model: TTDSRecommender, lc: LossConfig, seed: int) -> tuple[torc
     for tower, tw in model.towers.items():
         ents = torch.randint(tw.n, (min(lc.dm_batch, tw.n),), generator=g)
         part, factor = dist.shard(ents.numpy())
-        loss, p = model.dm_vae_loss({tower: torch.as_tensor(part, device=dev)}, lc.beta)
+        loss, p = model.dm_vae_loss({tower: torch.as_tensor(part, device=dev)}, lc.beta, {tower: ents.to(dev)})
         total = total + factor * loss
         parts = {k: parts[k] + factor * p[k] for k in parts}
     return lc.alpha * total, parts
