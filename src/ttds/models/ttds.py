@@ -15,8 +15,8 @@ How the recommendation loss reaches the tokenizers (the design choice of this im
     constrained embedding. Levels without a codebook (the disambiguation level that makes IDs unique,
     and every level of an LSH index) have only their free rows.
   * L_ID pulls the backbone's representation of an entity's ID sequence (mean of the last hidden
-    states over its ID tokens) towards that entity's text representation X_e (cosine distance, each
-    centred on its own mean so that a common direction cannot satisfy it). Its
+    states over its ID tokens), decoded by a linear head, towards that entity's text representation X_e
+    (cosine distance, each centred on its own mean so that a common direction cannot satisfy it). Its
     gradient reaches the backbone and, through the tied embeddings, the codebooks.
   * L_Token is the per-level residual term of the RQ-VAE (codebook + commitment) plus the tokenizer's
     reconstruction, computed on X_e; it trains the tokenizer's encoder and keeps the codebooks on the
@@ -55,7 +55,7 @@ class TowerTokenizer(nn.Module):
     projection. The disambiguation level has a fixed capacity so the token space never changes."""
 
     def __init__(self, tower: str, tokenizer: nn.Module, x: torch.Tensor, d_model: int, collision: str = "ttds",
-                 capacity: int = 64, word_std: float = 0.05):
+                 capacity: int = 64, word_std: float = 0.05, text_head: bool = True):
         super().__init__()
         self.tower, self.collision = tower, collision
         self.tokenizer = tokenizer
@@ -63,6 +63,12 @@ class TowerTokenizer(nn.Module):
         self.register_buffer("disambig_size", torch.tensor(int(capacity)))  # saved: fixes the token space
         self.has_codebooks = isinstance(tokenizer, RQVAE)
         self.n_code_levels = len(tokenizer.level_sizes)
+        if text_head:  # L_ID's decoder: ID representation (backbone width) -> text representation X
+            self.text_head = nn.Linear(d_model, x.shape[1], bias=False)
+            with torch.no_grad():
+                self.text_head.weight.copy_(torch.eye(x.shape[1], d_model))
+        else:  # checkpoints from before the head existed compare h with X directly
+            self.text_head = nn.Identity()
         if self.has_codebooks:
             self.proj = nn.Linear(tokenizer.cfg.code_dim, d_model, bias=False)
             with torch.no_grad():  # start at the scale of the word embeddings
@@ -247,11 +253,14 @@ class TTDSRecommender(GenerativeRecommender):
                     sample: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
         """L_DM-VAE = L_ID + beta * L_Token over a sample of entities per tower (eq. 12-14).
 
-        L_ID compares centred vectors, each in its own space: X_e minus the tower's mean X, and h_e minus
-        the mean h over the whole `sample` (no gradient through that mean; under torchrun `entities` is
-        this rank's part of the sample, so every rank centres alike). A shared direction cannot satisfy
-        it; centring h on the mean X instead made the constant offset between the two spaces dominate
-        (L_ID started near 1.9, i.e. anti-aligned, and settled near 1.0: no alignment)."""
+        L_ID = 1 - cos(W (h_e - mean h), X_e - mean X): the ID representation, centred on its mean over the
+        whole `sample` (no gradient through that mean; under torchrun `entities` is this rank's part of
+        the sample, so every rank centres alike), decoded by the tower's linear `text_head` W (starts at
+        the identity), against the centred text representation. A shared direction cannot satisfy it.
+        Without W (h compared with X directly, both in the backbone's space) the LM objective drove
+        L_ID from 0.98 at the start to 1.87 (anti-aligned) within 20 warm-up steps on Scientific: the
+        LM's geometry of ID states conflicts with that of text states, and a decoder removes the conflict
+        while still requiring the ID representation to carry the text's information."""
         l_id = l_tok = self.id_emb.new_zeros(())
         for tower, ents in entities.items():
             t = self.towers[tower]
@@ -262,7 +271,7 @@ class TTDSRecommender(GenerativeRecommender):
             else:
                 with torch.no_grad():
                     h_mean = self.id_representation(tower, full).mean(0)
-            l_id = l_id + (1 - F.cosine_similarity(h - h_mean, t.x[ents] - t.x.mean(0), dim=-1)).mean()
+            l_id = l_id + (1 - F.cosine_similarity(t.text_head(h - h_mean), t.x[ents] - t.x.mean(0), dim=-1)).mean()
             if beta:
                 l_tok = l_tok + t.token_loss(ents)
         return l_id + beta * l_tok, {"l_id": float(l_id.detach()), "l_token": float(l_tok.detach())}

@@ -141,7 +141,8 @@ def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRec
             continue
         _, tok = load_index(out / f"tokenizer.{tower}")
         t = TowerTokenizer(tower, tok, torch.zeros_like(tensors[f"towers.{tower}.x"]), backbone.hidden_size,
-                           icfg.collisions, int(tensors[f"towers.{tower}.disambig_size"]))
+                           icfg.collisions, int(tensors[f"towers.{tower}.disambig_size"]),
+                           text_head=f"towers.{tower}.text_head.weight" in tensors)
         towers[tower] = t
         indices[tower] = SemanticIndex(tensors[f"{tower}_codes"].numpy(), t.level_sizes,
                                        level_prefixes(tower, t.n_code_levels, t.collision != "none"), tower)
