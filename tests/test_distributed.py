@@ -166,6 +166,7 @@ def _dyn_train(bb_dir: str, out: Path, strategy: str = "ddp") -> dict:
             "index.options.cache_embeddings=false", "index.options.max_text_tokens=24", "tasks.item2index=0",
             "tasks.index2item=0", "train.batch_size=8", "train.grad_accum=2", "train.warmup_steps=2", "train.valid_users=20",
             "train.lr=0.001", "train.max_steps=5", "train.eval_steps=5", "dynamic.warmup_steps=1", "dynamic.reassign_steps=2",
+            "dynamic.reassign_margin=0",  # plain argmin: after 5 tiny steps a sticky margin may keep every code
             "loss.dm_batch=15", "eval.template_mean_users=-1", "eval.beam=10", "eval.final_valid=false", "threads=1",
             f"dist.strategy={strategy}"]
     cfg = load_config(model="ttds", overrides=over)
