@@ -234,3 +234,27 @@ def test_static_flag_and_exact_resume(bb_dir, tmp_path):
     assert sc["losses"][3:] == pytest.approx(sb["losses"][3:], rel=1e-5)
     np.testing.assert_allclose(sc["dm_losses"], sb["dm_losses"], rtol=1e-4)
     assert [r["item"] for r in sc["reassign"]] == pytest.approx([r["item"] for r in sb["reassign"]])
+
+
+def test_checkpoints_from_before_the_free_rows_and_text_head_load_as_trained(bb_dir, ds, tmp_path):
+    """A session-2 checkpoint has no `id_rows` flag and no text head: it rebuilds as projection-only with
+    L_ID on h directly, loads without missing keys, and gives the same ID table and L_ID as the model it came from."""
+    from ttds.train.loop import load_weights, weights
+
+    old, cfg = _model(bb_dir, ds, tmp_path, extra=("dynamic.id_rows=false",))
+    for t in old.towers.values():
+        t.text_head = torch.nn.Identity()  # what such a checkpoint was trained with
+    tensors = {k: v.clone() for k, v in weights(old).items()}
+    assert "id_rows" not in tensors and not any("text_head" in k for k in tensors)
+    again = dynamic.model_from_weights(cfg, old.backbone, tmp_path, tensors)
+    load_weights(again, tensors)
+    again.index_from_buffers()
+    assert not again.free_rows and all(isinstance(t.text_head, torch.nn.Identity) for t in again.towers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(again.id_table(), old.id_table())
+        ents = {"item": torch.arange(6)}
+        assert again.eval().dm_vae_loss(ents, 0.0)[1]["l_id"] == pytest.approx(old.eval().dm_vae_loss(ents, 0.0)[1]["l_id"])
+    # a current checkpoint carries both and rebuilds with them
+    new, _ = _model(bb_dir, ds, tmp_path / "n")
+    rebuilt = dynamic.model_from_weights(cfg, new.backbone, tmp_path / "n", weights(new))
+    assert rebuilt.free_rows and not isinstance(rebuilt.towers["item"].text_head, torch.nn.Identity)
