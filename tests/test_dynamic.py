@@ -132,7 +132,11 @@ def test_sticky_reassignment_changes_only_clear_winners(bb_dir, ds, tmp_path):
     assert 0 < plain and sticky < plain
     assert torch.equal(tok.encode(x, keep=old, margin=0.5), old)  # nothing moved: nothing changes
     model.towers["item"].set_text(moved)
+    codes = model.item_index.codes.copy()
+    preview = model.reassign(margin=0.5, apply=False)  # measures only: the codes in use stay
+    assert np.array_equal(model.item_index.codes, codes) and np.array_equal(model.item_codes.numpy(), codes)
     r = model.reassign(margin=0.5)
+    assert r == preview and not np.array_equal(model.item_index.codes, codes)
     assert len(r["item_levels"]) == model.item_index.n_levels and 0 < r["item"] <= 1
     assert model.item_index.is_unique()
 
@@ -211,6 +215,9 @@ def test_joint_run_learns_and_reassigns(bb_dir, ds, tmp_path):
     losses = json.loads((tmp_path / "a" / "state.json").read_text())["losses"]
     assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8]), losses
     assert len(m["reassignments"]) >= 3 and any(r["item"] > 0 for r in m["reassignments"])
+    # texts re-encoded at each re-assignment: the share the tokenizers alone would have changed is reported beside it
+    assert all(0 <= r["tokenizer_only"]["item"] <= 1 and set(r["tokenizer_only"]) == {"item", "user"}
+               for r in m["reassignments"])
     # the tokenizer moved (joint)
     start = load_safetensors(tmp_path / "a" / "tokenizer.item" / "tokenizer.safetensors")["codebooks.0"]
     assert not torch.allclose(load_safetensors(tmp_path / "a" / "model.safetensors")["towers.item.tokenizer.codebooks.0"], start)

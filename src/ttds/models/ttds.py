@@ -215,10 +215,11 @@ class TTDSRecommender(GenerativeRecommender):
         self.set_index(idx("item", self.item_codes), idx("user", self.user_codes) if self.user_index is not None else None)
 
     @torch.no_grad()
-    def reassign(self, margin: float = 0.0) -> dict:
+    def reassign(self, margin: float = 0.0, apply: bool = True) -> dict:
         """Re-assign the codes of every entity of every tower (sticky by `margin`, collisions re-resolved,
         tries and prompt codec rebuilt). Returns per tower the share of entities whose ID changed and,
-        as `<tower>_levels`, the share whose code changed at each level."""
+        as `<tower>_levels`, the share whose code changed at each level. `apply=False` only measures
+        (the codes in use stay)."""
         new, changed = {}, {}
         for tower in ("item", "user"):
             old = self.item_index if tower == "item" else self.user_index
@@ -233,7 +234,8 @@ class TTDSRecommender(GenerativeRecommender):
             diff = idx.codes != old.codes
             changed[tower] = float(diff.any(1).mean())
             changed[f"{tower}_levels"] = [round(float(v), 4) for v in diff.mean(0)]
-        self.set_index(new["item"], new["user"])
+        if apply:
+            self.set_index(new["item"], new["user"])
         return changed
 
     # ------------------------------------------------------------------ DM-VAE

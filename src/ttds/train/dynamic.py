@@ -200,11 +200,19 @@ def dm_vae_term(model: TTDSRecommender, lc: LossConfig, seed: int) -> tuple[torc
 
 
 def reassign(model: TTDSRecommender, texts: dict[str, list[str]] | None, margin: float = 0.0) -> dict:
-    """Re-encode X (optional), re-assign every code (sticky by `margin`), and make rank 0's indices every rank's."""
+    """Re-encode X (optional), re-assign every code (sticky by `margin`), and make rank 0's indices every rank's.
+
+    With re-encoded texts, `tokenizer_only` also says which share of IDs the trained tokenizers alone would have
+    changed (the X they were trained on): the rest of the change is the drift of X = f(C) with the backbone.
+    On Scientific (MiniLM, step 341, margin 0.5) that split was 41 % vs 92 % of item IDs."""
     t0 = time.perf_counter()
+    before = None
     if texts is not None:
+        before = model.reassign(margin, apply=False)
         refresh_text(model, texts)
     changed = model.reassign(margin)
+    if before is not None:
+        changed["tokenizer_only"] = {k: v for k, v in before.items() if k in ("item", "user")}
     dist.sync_model_index(model)
     changed["seconds"] = round(time.perf_counter() - t0, 2)
     return changed
@@ -261,9 +269,11 @@ class DynamicTrainer(LMTrainer):
         self.data = self.new_task_data(self.data.buyers)
         s["reassign_seconds"] += r["seconds"]
         s["reassign"].append({"step": s["step"], **r})
+        only = r.get("tokenizer_only", {})
         log.info("step %d: codes re-assigned, changed IDs: %s (%.1fs)", s["step"],
-                 ", ".join(f"{k} {v:.1%} (levels {r.get(k + '_levels')})" for k, v in r.items()
-                           if k in ("item", "user")), r["seconds"])
+                 ", ".join(f"{k} {v:.1%} (levels {r.get(k + '_levels')}"
+                           + (f"; {only[k]:.1%} with the old texts" if k in only else "") + ")"
+                           for k, v in r.items() if k in ("item", "user")), r["seconds"])
 
     def after_step(self, parts: dict) -> bool:
         s, dyn = self.state, self.dyn
