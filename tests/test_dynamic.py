@@ -265,3 +265,20 @@ def test_checkpoints_from_before_the_free_rows_and_text_head_load_as_trained(bb_
     new, _ = _model(bb_dir, ds, tmp_path / "n")
     rebuilt = dynamic.model_from_weights(cfg, new.backbone, tmp_path / "n", weights(new))
     assert rebuilt.free_rows and not isinstance(rebuilt.towers["item"].text_head, torch.nn.Identity)
+
+
+def test_late_freeze_counts_from_the_last_epoch_the_step_budget_reaches(bb_dir, tmp_path):
+    """`dynamic.freeze_last_epochs`: no re-assignment (and frozen tokenizers) in the final epochs, counted back from the
+    last epoch `train.max_steps` lets the run reach, not from `train.epochs` (which a step budget may never reach)."""
+    small = load_dataset(SMALL)
+    base = ["dynamic.warmup_steps=1", "train.eval_every=100", "dynamic.reassign_margin=0"]
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.epochs=1", *base]), small, tmp_path / "one")
+    per_epoch = json.loads((tmp_path / "one" / "state.json").read_text())["step"]
+    three = [f"train.max_steps={3 * per_epoch}", *base]  # train.epochs stays 50
+
+    def reassigned_at(name, extra=()):
+        dynamic.train(_cfg(bb_dir, "ttds", [*three, *extra]), small, tmp_path / name)
+        return [r["step"] for r in json.loads((tmp_path / name / "state.json").read_text())["reassign"]]
+
+    assert reassigned_at("free") == [per_epoch, 2 * per_epoch]
+    assert reassigned_at("late", ["dynamic.freeze_last_epochs=1"]) == [per_epoch]  # the final epoch keeps its index

@@ -233,7 +233,9 @@ class DynamicTrainer(LMTrainer):
         self.warm = self.dyn.warmup_steps if self.dyn.enabled else 0
 
     def frozen_index(self, epoch: int) -> bool:
-        return not self.dyn.enabled or bool(self.dyn.freeze_last_epochs and epoch >= self.tc.epochs - self.dyn.freeze_last_epochs)
+        """True when the tokenizers are frozen and codes kept: a static index, or the final
+        `dynamic.freeze_last_epochs` epochs (counted back from the last epoch `train.max_steps` lets the run reach)."""
+        return not self.dyn.enabled or bool(self.dyn.freeze_last_epochs and epoch >= self.last_epoch - self.dyn.freeze_last_epochs)
 
     def param_groups(self) -> list[dict]:
         return param_groups(self.model, self.tc, self.dyn)

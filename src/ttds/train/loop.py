@@ -304,7 +304,10 @@ class LMTrainer:
         # schedule length from the first epoch's batch count (the task mix is re-sampled each epoch)
         n_batches = len(bucket_batches(build_epoch(self.data, self.task_cfg, np.random.default_rng([self.seed, 0])), tc.batch_size,
                                        np.random.default_rng(0), tc.max_tokens))
-        self.total_steps = max(1, tc.epochs * math.ceil(n_batches / tc.grad_accum))
+        per_epoch = max(1, math.ceil(n_batches / tc.grad_accum))
+        self.total_steps = max(1, tc.epochs * per_epoch)
+        # the epochs this run will reach: `train.max_steps` may end it first (what "the final epochs" count from)
+        self.last_epoch = min(tc.epochs, math.ceil(tc.max_steps / per_epoch)) if tc.max_steps else tc.epochs
         self.peak = dense_peak_flops()
         self.flops_tok = None
         self.epoch_time = (0.0, 0.0)  # (wall, CPU) seconds of the current epoch's steps in this process
