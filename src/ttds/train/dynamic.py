@@ -150,14 +150,19 @@ def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRec
 
 
 def param_groups(model: TTDSRecommender, tc: GenTrainConfig, dyn: DynamicConfig) -> list[dict]:
-    """AdamW groups: backbone (`train.lr`), new ID parameters (`train.id_lr`), tokenizers (`dynamic.tokenizer_lr`)."""
-    tok = [p for p in model.towers.parameters()]
+    """AdamW groups: backbone (`train.lr`), new ID parameters (`train.id_lr`), tokenizers (`dynamic.tokenizer_lr`),
+    and the towers' codebook projections and L_ID text heads (`dynamic.tokenizer_lr`). The last are the
+    recommender's side of the towers: they keep training when the tokenizers are frozen (static index, late freeze)."""
+    tok = [p for t in model.towers.values() for p in t.tokenizer.parameters()]
+    heads = [p for t in model.towers.values() for m in (getattr(t, "proj", None), t.text_head) if m is not None
+             for p in m.parameters()]
     new = [model.id_emb, model.id_bias] + list(model.head.parameters())
-    skip = {id(p) for p in tok + new}
+    skip = {id(p) for p in tok + heads + new}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     groups = [{"params": body, "lr": tc.lr, "base_lr": tc.lr, "name": "body"},
               {"params": new, "lr": tc.id_lr, "base_lr": tc.id_lr, "name": "new"},
-              {"params": tok, "lr": dyn.tokenizer_lr, "base_lr": dyn.tokenizer_lr, "name": "tokenizer"}]
+              {"params": tok, "lr": dyn.tokenizer_lr, "base_lr": dyn.tokenizer_lr, "name": "tokenizer"},
+              {"params": heads, "lr": dyn.tokenizer_lr, "base_lr": dyn.tokenizer_lr, "name": "tower_heads"}]
     return [g for g in groups if g["params"]]
 
 
@@ -254,7 +259,7 @@ class DynamicTrainer(LMTrainer):
         step = self.state["step"]
         if step < self.warm:  # tokenizers and ID head only (paper: lr 1e-3)
             for g in self.opt.param_groups:
-                g["lr"] = self.dyn.warmup_lr if g["name"] in ("tokenizer", "new") else 0.0
+                g["lr"] = self.dyn.warmup_lr if g["name"] in ("tokenizer", "tower_heads", "new") else 0.0
             return 1.0
         mult = warmup_cosine(step - self.warm, max(1, self.total_steps - self.warm), self.tc.warmup_steps, self.tc.min_lr_ratio)
         for g in self.opt.param_groups:
