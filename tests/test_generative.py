@@ -125,14 +125,18 @@ def test_resume_gives_same_next_step_loss(bb_dir, tmp_path):
 
 
 def test_lr_schedule_ends_at_max_steps(bb_dir, tmp_path):
-    """`train.max_steps` before the last of `train.epochs` ends the cosine there (as HF Trainer's max_steps)."""
+    """`train.max_steps` before the last of `train.epochs` ends the cosine there (as HF Trainer's max_steps), and
+    training that stops between validations still validates its final weights."""
     import json
 
     from ttds.train import generative
 
     ds = load_dataset("builtin:users=40,items=30,seed=2")
-    generative.train(_cfg(bb_dir, ["train.max_steps=8", "train.epochs=50", "train.min_lr_ratio=0.05"]), ds, tmp_path / "a")
-    mult = json.loads((tmp_path / "a" / "state.json").read_text())["lr_mult"]
+    generative.train(_cfg(bb_dir, ["train.max_steps=8", "train.epochs=50", "train.min_lr_ratio=0.05", "train.eval_steps=3"]),
+                     ds, tmp_path / "a")
+    state = json.loads((tmp_path / "a" / "state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [3, 6, 8]  # the final weights are validated too
+    mult = state["lr_mult"]
     assert len(mult) == 8 and mult[:2] == [0.5, 1.0]  # linear warm-up over train.warmup_steps=2
     assert all(a > b for a, b in zip(mult[2:], mult[3:])) and mult[-1] < 0.2  # x0.99 when planned over 50 epochs
 

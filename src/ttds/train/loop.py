@@ -446,7 +446,8 @@ class LMTrainer:
                     self.validate()
                 self.on_epoch_end()
             self.save()
-        if not (self.out / "model.safetensors").is_file():
+        # the final weights are always a candidate: a step/minute budget can end training between validations
+        if not (self.out / "model.safetensors").is_file() or not s["history"] or s["history"][-1]["step"] != s["step"]:
             self.validate()
         self.save()
         dist.barrier()  # model.safetensors and last.safetensors are written
