@@ -9,8 +9,8 @@ per-seed difference to the first model (same seeds only).
 
 Writes OUT_STEM.json and OUT_STEM.md (e.g. benchmarks/results/ablations-Scientific-s2). Use it when
 runs were launched one by one (different budgets, resumed, extended) rather than by `ttds bench`:
-each row keeps its run's resolved config (the overrides that differ from the model's config file are
-listed) and metrics.json as written by the run; `--note` records the exact commands.
+each row keeps its run's resolved config (the settings that differ from the model's current config
+are listed) and metrics.json as written by the run; `--note` records the exact commands.
 """
 from __future__ import annotations
 
@@ -28,10 +28,28 @@ def row(label: str, run: Path) -> dict:
         return {"label": label, "model": run.name, "error": f"{run}/metrics.json missing (run not finished)"}
     m = read_json(run / "metrics.json")
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    tc = cfg.get("train", {})
-    over = [f"threads={cfg.get('threads')}", f"train.max_steps={tc.get('max_steps')}", f"train.max_minutes={tc.get('max_minutes')}",
-            f"seed={cfg.get('seed')}"]
-    return {"label": label, "model": cfg.get("name") or run.name, "overrides": over, "run_dir": str(run), **m}
+    return {"label": label, "model": cfg.get("name") or run.name, "overrides": overrides(cfg), "run_dir": str(run), **m}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def overrides(cfg: dict) -> list[str]:
+    """KEY=VALUE of the run's resolved config that differ from its model's config as it is now (defaults < model);
+    a key the run has and the current config lacks is listed too. `name` and `data` are not settings."""
+    from ttds.config import load_config
+    from ttds.errors import TTDSError
+
+    try:
+        base = _flat(load_config(model=cfg.get("name")))
+    except TTDSError:
+        base = {}
+    return [f"{k}={v}" for k, v in _flat(cfg).items()
+            if k != "name" and not k.startswith("data.") and (k not in base or base[k] != v)]
 
 
 METRICS = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"]
