@@ -307,7 +307,7 @@ class LMTrainer:
         per_epoch = max(1, math.ceil(n_batches / tc.grad_accum))
         # the cosine ends where training ends: `train.max_steps` when it comes before the last epoch. (Until
         # session 4 it always ended after `train.epochs`: a 2-epoch budget of a 10-epoch plan kept the lr at
-        # x0.93, and validation NDCG@10 swung by +-0.005 between neighbouring checkpoints.) A resume with a
+        # x0.93, and validation NDCG@10 swung by up to 0.015 between neighbouring checkpoints.) A resume with a
         # larger max_steps stretches the rest of the schedule.
         self.total_steps = max(1, min(tc.epochs * per_epoch, tc.max_steps) if tc.max_steps else tc.epochs * per_epoch)
         # the epochs this run will reach: `train.max_steps` may end it first (what "the final epochs" count from)
