@@ -5,13 +5,14 @@
     metrics = MyTrainer(cfg, ds, out, split, model, device, load_fn).fit()
 
 One optimizer step = `train.grad_accum` length-bucketed micro-batches of the epoch's task-mix examples
-(`epoch_batches`: the same seed gives the same batches on every rank and after a resume). Under torchrun
-every GLOBAL micro-batch is split over the ranks (`dist.shard`) and the losses are token-weighted so that
-N ranks take the same step as one process. AdamW with warm-up + cosine, gradient clipping, tokens/s and
-MFU in the log, validation NDCG@10 (beam search on a fixed user sample) every `train.eval_every` epochs
-or `train.eval_steps` steps with early stopping (`train.patience`), budgets `train.max_steps` and
-`train.max_minutes`. last.safetensors (weights + optimizer + RNG + trainer state, one atomic file written
-by rank 0) after each validation and epoch: the same command resumes exactly, on any world size.
+(`epoch_batches`: the same seed gives the same batches on every rank and after a resume; dropout masks come
+from (seed, step, rank)). Under torchrun every GLOBAL micro-batch is split over the ranks (`dist.shard`) and
+the losses are token-weighted so that N ranks take the same step as one process. AdamW with warm-up +
+cosine, gradient clipping, tokens/s and MFU in the log, validation NDCG@10 (beam search on a fixed user
+sample) every `train.eval_every` epochs or `train.eval_steps` steps with early stopping (`train.patience`),
+budgets `train.max_steps` and `train.max_minutes`. last.safetensors (weights + optimizer + trainer state,
+one atomic file written by rank 0) after each validation and epoch: the same command resumes exactly, on any
+world size.
 
 Hooks (override in a recipe; all optional but `param_groups`):
     param_groups()     the AdamW groups: dicts with params, lr, base_lr, name
@@ -123,12 +124,11 @@ def load_weights(model: nn.Module, tensors: dict) -> None:
 
 
 def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """One atomic file: weights + optimizer + torch RNG, the trainer state in its metadata; state.json beside it.
+    """One atomic file: weights + optimizer, the trainer state in its metadata; state.json beside it.
     Call on every rank (FSDP gathers the shards); rank 0 writes."""
     otensors, ometa = _optim_tensors(opt)
     tensors = {f"model.{k}": v for k, v in weights(model).items()}
     tensors.update({k: dist.full_tensor(v) for k, v in otensors.items()})
-    tensors["rng.torch"] = torch.get_rng_state()
     if dist.is_main():
         save_safetensors(out / "last.safetensors", tensors, {"state": json.dumps(state), "optim": json.dumps(ometa)})
         write_json(out / "state.json", state)
@@ -294,7 +294,6 @@ class LMTrainer:
             tensors, ometa, self.state = ckpt
             _load_optim(self.opt, tensors, ometa)
             dist.shard_optimizer_state(self.opt)  # FSDP: full tensors of the file -> this rank's shards
-            torch.set_rng_state(tensors["rng.torch"])
             log.info("resuming %s at epoch %d step %d (best valid NDCG@10 %.4f)", out, self.state["epoch"], self.state["step"],
                      self.state["best"])
             if self.state["stopped"] in ("max_steps", "budget", "epochs"):  # a larger budget continues the run
@@ -349,6 +348,9 @@ class LMTrainer:
         s, tc, device = self.state, self.tc, self.device
         t0, c0 = time.perf_counter(), time.process_time()
         self.before_step()
+        # dropout masks from (seed, step, rank): a resumed run draws the masks the uninterrupted one would have,
+        # and ranks draw different masks for their different sequences
+        torch.manual_seed(dist.rank_seed(self.seed * 1_000_003 + s["step"]))
         first = s["step_in_epoch"] * tc.grad_accum
         group = batches[first:first + tc.grad_accum]
         n_tgt = {i: int(examples[i].target[1:].sum()) for b in group for i in b}
