@@ -1,7 +1,9 @@
 """Layered config: defaults < model < dataset < user file < CLI overrides; resolved config is written."""
+import pytest
 import yaml
 
 from ttds.config import CONFIG_DIR, load_config, merge, parse_override
+from ttds.errors import TTDSError
 from ttds.runtime import start_run
 
 
@@ -19,6 +21,58 @@ def test_layers_in_order(tmp_path, monkeypatch):
     assert (cfg["a"], cfg["b"], cfg["c"], cfg["d"]) == (0, 1, 2, 3)
     assert cfg["train"] == {"lr": 0.001, "epochs": 3}
     assert cfg["new"]["key"] == [1, 2]
+
+
+def test_model_base_layer(tmp_path, monkeypatch):
+    cfgdir = tmp_path / "configs"
+    (cfgdir / "models").mkdir(parents=True)
+    (cfgdir / "defaults.yaml").write_text("a: 0\ntrain: {lr: 0.1, epochs: 3}\n")
+    (cfgdir / "models" / "full.yaml").write_text("a: 1\ntrain: {lr: 0.2}\n")
+    (cfgdir / "models" / "abl.yaml").write_text("base: full\ntrain: {epochs: 5}\n")
+    (cfgdir / "models" / "loop1.yaml").write_text("base: loop2\n")
+    (cfgdir / "models" / "loop2.yaml").write_text("base: loop1\n")
+    (cfgdir / "models" / "orphan.yaml").write_text("base: nothing\n")
+    monkeypatch.setattr("ttds.config.CONFIG_DIR", cfgdir)
+    cfg = load_config("abl", overrides=["train.lr=0.3"])
+    assert cfg == {"a": 1, "train": {"lr": 0.3, "epochs": 5}}  # the base key itself is not part of the result
+    with pytest.raises(TTDSError, match="cycle loop1 -> loop2 -> loop1"):
+        load_config("loop1")
+    with pytest.raises(TTDSError, match="model 'nothing': no config"):
+        load_config("orphan")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+# paper Tables 2-3: each ablation is its parent with exactly these settings changed
+ABLATIONS = {
+    "stds": ("ttds", {"index.user": False}),
+    "stds_dm": ("ttds", {"index.user": False, "loss.alpha": 0.0}),
+    "ttds_dm": ("ttds", {"loss.alpha": 0.0}),
+    "ttds_ho": ("ttds", {"tasks.userpred": 0.0, "tasks.review": 0.0}),
+    "ttds_3": ("ttds", {"index.options.levels": 3}),
+    "ttds_5": ("ttds", {"index.options.levels": 5}),
+    "tt_dlsh": ("ttds", {"index.source": "lsh", "index.user_source": "lsh"}),
+    "tt_slsh": ("ttss", {"index.source": "lsh", "index.user_source": "lsh"}),
+    "tt_sr": ("ttss", {"index.source": "random", "index.user_source": "random"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_ablation_is_one_change_from_its_parent(name):
+    parent, change = ABLATIONS[name]
+    a, p = _flat(load_config(model=name)), _flat(load_config(model=parent))
+    assert {k: v for k, v in a.items() if p.get(k, object()) != v} == change
+
+
+def test_ttds_shares_everything_but_the_dynamic_parts_with_ttss():
+    d, s = _flat(load_config(model="ttds")), _flat(load_config(model="ttss"))
+    differ = {k.split(".")[0] for k in set(d) | set(s) if d.get(k, object()) != s.get(k, object())}
+    assert differ == {"recipe", "dynamic", "loss"}
 
 
 def test_override_parsing():

@@ -1,4 +1,5 @@
 """Layered YAML configuration: defaults < model < dataset < user file < CLI overrides.
+A model's YAML may start from another's (`base: ttds`): the ablations state only their change.
 
 A config is a plain nested dict. Components turn their section into a dataclass with
 `section(cfg, "train", TrainConfig)`, which rejects unknown keys (catches typos).
@@ -83,6 +84,22 @@ def available(kind: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
 
 
+def model_layer(model: str, seen: tuple[str, ...] = ()) -> dict:
+    """A model's YAML; `base: OTHER` starts from OTHER's layer, so an ablation states only what it changes."""
+    path = CONFIG_DIR / "models" / f"{model}.yaml"
+    if not path.is_file():
+        raise TTDSError(f"model {model!r}: no config {path.name}; known models: {', '.join(available('models'))}")
+    if model in seen:
+        raise TTDSError(f"{path}: base: cycle {' -> '.join(seen + (model,))}")
+    layer = _read_yaml(path)
+    base = layer.pop("base", None)
+    if base is None:
+        return layer
+    if not isinstance(base, str):
+        raise TTDSError(f"{path}: base: expected a model name, got {base!r}")
+    return merge(model_layer(base, seen + (model,)), layer)
+
+
 def load_config(
     model: str | None = None,
     dataset: str | None = None,
@@ -92,10 +109,7 @@ def load_config(
     """Resolve the layered config. `dataset` is a dataset name (its layer is optional)."""
     cfg = _read_yaml(CONFIG_DIR / "defaults.yaml")
     if model:
-        path = CONFIG_DIR / "models" / f"{model}.yaml"
-        if not path.is_file():
-            raise TTDSError(f"model {model!r}: no config {path.name}; known models: {', '.join(available('models'))}")
-        cfg = merge(cfg, _read_yaml(path))
+        cfg = merge(cfg, model_layer(model))
     if dataset:
         path = CONFIG_DIR / "datasets" / f"{dataset.lower()}.yaml"
         if path.is_file():
