@@ -61,7 +61,7 @@ class DynamicConfig:
     reassign_every: int = 1  # epochs between code re-assignments (0 = never by epochs)
     reassign_steps: int = 0  # optimizer steps between re-assignments (0 = by epochs)
     refresh_text: bool = True  # re-encode X = f(C) with the current backbone at each re-assignment
-    reassign_margin: float = 0.5  # sticky re-assignment: a code changes only if another is closer by > this share
+    reassign_margin: float = 2.0  # sticky re-assignment: a code changes only if another is closer by > this share
     id_rows: bool = True  # ID embedding = P(codebook) + a free row (zero at start); false: P(codebook) only
     freeze_last_epochs: int = 0  # ETEGRec-style: no re-assignment, frozen tokenizers in the final epochs
     disambig_capacity: int = 64  # size of the disambiguation level (fixed token space)
