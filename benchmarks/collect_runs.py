@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/collect_runs.py SUITE OUT_STEM LABEL=RUN_DIR [LABEL=RUN_DIR ...] \
         [--note TEXT]
 
-Labels of the form `MODEL@SEED` (e.g. `TTDS@43`) are also summarised per model over seeds: mean ± sample
-standard deviation of each test metric, the best validation NDCG@10, and, for every other model, the
-per-seed difference to the first model (same seeds only).
+Labels of the form `MODEL@SEED` (e.g. `TTDS@43`) are also summarised per model over seeds, as `ttds bench
+--seeds` does (`ttds.bench.harness.seed_summary`): mean ± sample standard deviation of each test metric, the
+best validation NDCG@10, and, for every other model, the per-seed difference to the first (same seeds only).
 
 Writes OUT_STEM.json and OUT_STEM.md (e.g. benchmarks/results/ablations-Scientific-s2). Use it when
 runs were launched one by one (different budgets, resumed, extended) rather than by `ttds bench`:
@@ -52,42 +52,6 @@ def overrides(cfg: dict) -> list[str]:
             if k != "name" and not k.startswith("data.") and (k not in base or base[k] != v)]
 
 
-METRICS = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"]
-
-
-def seed_summary(rows: list[dict]) -> str:
-    """Markdown: mean ± std over seeds per model (labels MODEL@SEED), and paired differences to the first model."""
-    import numpy as np
-
-    groups: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        if "@" in r["label"] and "test" in r:
-            model, seed = r["label"].rsplit("@", 1)
-            groups.setdefault(model, {})[seed] = r
-    if not groups:
-        return ""
-
-    def fmt(v):
-        v = np.asarray(v, dtype=float)
-        return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
-
-    lines = ["", "Over seeds (mean ± sample std; test, fixed template; valid = best validation NDCG@10):", "",
-             "| model | seeds | " + " | ".join(METRICS) + " | valid NDCG@10 |", "|---" * (len(METRICS) + 3) + "|"]
-    for model, by_seed in groups.items():
-        rs = list(by_seed.values())
-        lines.append(f"| {model} | {', '.join(by_seed)} | " + " | ".join(fmt([r["test"][m] for r in rs]) for m in METRICS)
-                     + f" | {fmt([r['valid']['NDCG@10'] for r in rs])} |")
-    first, *others = list(groups)
-    for model in others:
-        seeds = [s for s in groups[model] if s in groups[first]]
-        if not seeds:
-            continue
-        lines.append(f"| {model} − {first} (paired) | {', '.join(seeds)} | " + " | ".join(
-            fmt([groups[model][s]["test"][m] - groups[first][s]["test"][m] for s in seeds]) for m in METRICS)
-            + f" | {fmt([groups[model][s]['valid']['NDCG@10'] - groups[first][s]['valid']['NDCG@10'] for s in seeds])} |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("suite")
@@ -101,7 +65,7 @@ def main() -> None:
         raise SystemExit("no finished run among " + ", ".join(a.runs))
     result = {"suite": a.suite, "dataset": done[0]["dataset"], "machine": done[-1]["machine"], "rows": rows, "note": a.note,
               "protocol": "leave-one-out; full ranking; no masking of seen items; pessimistic ties"}
-    md = format_markdown(result) + seed_summary(rows) + (f"\n{a.note}\n" if a.note else "")
+    md = format_markdown(result) + (f"\n{a.note}\n" if a.note else "")
     write_json(a.out.with_suffix(".json"), result)
     write_text(a.out.with_suffix(".md"), md)
     print(md)

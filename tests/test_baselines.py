@@ -136,6 +136,18 @@ def test_cli_train_eval_bench(tmp_path, capsys):
     j = json.loads((res / "classic-builtin.json").read_text())
     assert [r["label"] for r in j["rows"]] == ["HGN"] and "peak_rss_mb" in j["rows"][0]
     assert "| HGN |" in (res / "classic-builtin.md").read_text()
+    # over seeds: one run per seed, mean ± std in the table; a bad --seeds is one line, exit 2
+    assert run_cli(["bench", "classic", "--data", data, "--runs", str(tmp_path / "b"), "--results", str(res), "--only", "HGN",
+                    "--seeds", "1,2", "--set", "train.epochs=1", "--set", "threads=1"]) in (0, None)
+    j = json.loads((res / "classic-builtin.json").read_text())
+    assert [r["label"] for r in j["rows"]] == ["HGN", "HGN@1", "HGN@2"]
+    assert j["rows"][1]["test"] != j["rows"][2]["test"]
+    md = (res / "classic-builtin.md").read_text()
+    assert "Over seeds" in md and "| HGN | 1, 2 | " in md and " ± " in md
+    run2 = tmp_path / "b" / "classic-builtin" / "HGN-s2"
+    assert (run2 / "metrics.json").is_file() and "seed: 2" in (run2 / "config.yaml").read_text()
+    assert run_cli(["bench", "classic", "--data", data, "--seeds", "4,x"]) == 2
+    assert "--seeds '4,x': expected comma-separated integers" in capsys.readouterr().err
 
 
 def test_stop_file_ends_the_run_gracefully(tmp_path, tiny):

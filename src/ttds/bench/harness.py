@@ -2,6 +2,8 @@
 timings are per model), collect each run's metrics.json, write <results>/<suite>-<dataset>.json
 and .md after every model (partial results survive an interruption). Re-running resumes: a
 finished run returns its stored metrics, an interrupted one continues from its checkpoint.
+With seeds, every entry runs once per seed (rows `LABEL@SEED`) and the table ends with the mean ±
+sample std over seeds and each model's paired difference to the first.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ttds.runtime import machine_info
 log = logging.getLogger(__name__)
 
 COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR")
+SEED_COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 
 
 def dataset_name(data: str, drop_short: bool = False) -> str:
@@ -27,21 +30,22 @@ def dataset_name(data: str, drop_short: bool = False) -> str:
     return load_dataset(data, drop_short=drop_short).name
 
 
-def run_entry(entry: Entry, data: str, run_dir: Path, overrides: list[str], drop_short: bool) -> dict:
+def run_entry(entry: Entry, data: str, run_dir: Path, overrides: list[str], drop_short: bool, label: str = "") -> dict:
+    label = label or entry.label
     cmd = [sys.executable, "-m", "ttds", "train", "--model", entry.model, "--data", data, "--out", str(run_dir)]
     for o in list(entry.overrides) + list(overrides):
         cmd += ["--set", o]
     if drop_short:
         cmd.append("--drop-short")
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("bench %s: %s", entry.label, " ".join(cmd))
+    log.info("bench %s: %s", label, " ".join(cmd))
     t0 = time.perf_counter()
     with open(run_dir / "bench.log", "a", encoding="utf-8") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if rc != 0 or not (run_dir / "metrics.json").is_file():
-        return {"label": entry.label, "model": entry.model, "error": f"exit code {rc}; see {run_dir / 'bench.log'}"}
+        return {"label": label, "model": entry.model, "error": f"exit code {rc}; see {run_dir / 'bench.log'}"}
     m = read_json(run_dir / "metrics.json")
-    return {"label": entry.label, "model": entry.model, "overrides": list(entry.overrides) + list(overrides),
+    return {"label": label, "model": entry.model, "overrides": list(entry.overrides) + list(overrides),
             "wall_seconds": round(time.perf_counter() - t0, 1), **m}
 
 
@@ -81,11 +85,45 @@ def format_markdown(result: dict) -> str:
                   "| reference | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for name, r in ref.items():
             lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n" + seed_summary(result["rows"])
+
+
+def seed_summary(rows: list[dict]) -> str:
+    """Markdown: mean ± sample std over seeds per model (labels MODEL@SEED), and each model's paired difference
+    to the first model (same seeds only). Empty when no label carries a seed."""
+    import numpy as np
+
+    groups: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if "@" in r["label"] and "test" in r:
+            model, seed = r["label"].rsplit("@", 1)
+            groups.setdefault(model, {})[seed] = r
+    if not groups:
+        return ""
+
+    def fmt(v):
+        v = np.asarray(v, dtype=float)
+        return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+
+    lines = ["", "Over seeds (mean ± sample std; test, fixed template; valid = best validation NDCG@10):", "",
+             "| model | seeds | " + " | ".join(SEED_COLUMNS) + " | valid NDCG@10 |", "|---" * (len(SEED_COLUMNS) + 3) + "|"]
+    for model, by_seed in groups.items():
+        rs = list(by_seed.values())
+        lines.append(f"| {model} | {', '.join(by_seed)} | " + " | ".join(fmt([r["test"][m] for r in rs]) for m in SEED_COLUMNS)
+                     + f" | {fmt([r['valid']['NDCG@10'] for r in rs])} |")
+    first, *others = list(groups)
+    for model in others:
+        seeds = [s for s in groups[model] if s in groups[first]]
+        if not seeds:
+            continue
+        lines.append(f"| {model} − {first} (paired) | {', '.join(seeds)} | " + " | ".join(
+            fmt([groups[model][s]["test"][m] - groups[first][s]["test"][m] for s in seeds]) for m in SEED_COLUMNS)
+            + f" | {fmt([groups[model][s]['valid']['NDCG@10'] - groups[first][s]['valid']['NDCG@10'] for s in seeds])} |")
     return "\n".join(lines) + "\n"
 
 
 def run_suite(suite: str, data: str, runs: Path, results: Path, overrides: list[str], only: list[str],
-              drop_short: bool = False) -> str:
+              drop_short: bool = False, seeds: list[int] | None = None) -> str:
     if suite not in SUITES:
         raise TTDSError(f"suite {suite!r}: unknown; known suites: {', '.join(SUITES)}")
     entries = SUITES[suite]
@@ -101,13 +139,22 @@ def run_suite(suite: str, data: str, runs: Path, results: Path, overrides: list[
               "protocol": "leave-one-out; full ranking; no masking of seen items; pessimistic ties",
               "rows": []}
     rows = dict(previous)
-    for e in entries:
-        rows[e.label] = run_entry(e, data, Path(runs) / f"{suite}-{name}" / e.label, overrides, drop_short)
-        order = [x.label for x in SUITES[suite]]
-        result["rows"] = sorted(rows.values(), key=lambda r: order.index(r["label"]) if r["label"] in order else 99)
-        ran = [r["machine"] for r in result["rows"] if "machine" in r]
-        result["machine"] = ran[-1] if ran else result["machine"]  # as seen by the training processes
-        write_json(json_path, result)
-        md = format_markdown(result)
-        write_text(json_path.with_suffix(".md"), md)
+    order = [x.label for x in SUITES[suite]]
+
+    def rank(label: str) -> tuple:  # suite order, then seed
+        base, _, seed = label.partition("@")
+        return (order.index(base) if base in order else 99, int(seed) if seed.isdigit() else -1)
+
+    for seed in seeds or [None]:
+        for e in entries:
+            label, folder, extra = e.label, Path(runs) / f"{suite}-{name}" / e.label, []
+            if seed is not None:
+                label, folder, extra = f"{e.label}@{seed}", folder.with_name(f"{e.label}-s{seed}"), [f"seed={seed}"]
+            rows[label] = run_entry(e, data, folder, overrides + extra, drop_short, label)
+            result["rows"] = sorted(rows.values(), key=lambda r: rank(r["label"]))
+            ran = [r["machine"] for r in result["rows"] if "machine" in r]
+            result["machine"] = ran[-1] if ran else result["machine"]  # as seen by the training processes
+            write_json(json_path, result)
+            md = format_markdown(result)
+            write_text(json_path.with_suffix(".md"), md)
     return md

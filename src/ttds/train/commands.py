@@ -59,6 +59,19 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
     return result
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 42,43,44` -> [42, 43, 44]; None when not given."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise TTDSError(f"--seeds {text!r}: expected comma-separated integers, e.g. 42,43,44") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise TTDSError(f"--seeds {text!r}: expected one or more distinct integers, e.g. 42,43,44")
+    return seeds
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
@@ -104,9 +117,11 @@ def register(app: typer.Typer) -> None:
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Override for every model, KEY=VALUE."),
         only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these suite entries."),
         drop_short: bool = typer.Option(False, "--drop-short", help="Drop users with < 3 interactions."),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="Run every model once per seed, e.g. 42,43,44; "
+                                            "the table adds mean ± std over seeds."),
     ):
         """Train + evaluate every model of a suite; writes <results>/<suite>-<dataset>.json and .md."""
         from ttds.bench.harness import run_suite
 
-        md = run_suite(suite, data, runs, results, set_ or [], only or [], drop_short)
+        md = run_suite(suite, data, runs, results, set_ or [], only or [], drop_short, parse_seeds(seeds))
         typer.echo(md)
