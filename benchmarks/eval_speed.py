@@ -12,6 +12,8 @@ Variants, side by side in one run (same model, same users):
   no-shared-prefix  the same without running the prompts' common prefix once (`shared_prefix` off)
   no-prune          the same without skipping hopeless beams at the last level (`prune_last=False`)
   baseline          `--baseline FILE`: another version of beam.py (e.g. `git show HEAD~1:src/ttds/models/beam.py`)
+  precompute        `--precompute K`: `ttds precompute`'s code path (`ttds.serve.precompute.precompute`: serving
+                    engine, seen items excluded, a fresh SQLite store) over the first N users, k = K
 
     python benchmarks/eval_speed.py --data /work/shared/data/Games --item-index runs/index-Games-item-rqvae/index.json \\
         --users 1000 --threads 1 --beam-batch 32 --no-prefix --baseline /tmp/beam_old.py
@@ -66,6 +68,25 @@ def time_eval(model, evalset, label: str) -> dict:
             "load_1m": os.getloadavg()[0]}
 
 
+def time_precompute(model, ds, cfg, n: int, k: int) -> dict:
+    """`precompute()` of the first `n` users' top-k into a temporary SQLite store, as `ttds precompute` runs it
+    (full histories, seen items excluded: a user with a short list is searched again with a wider beam)."""
+    from ttds.serve.engine import RecommenderEngine
+    from ttds.serve.precompute import precompute
+    from ttds.serve.store import open_store
+
+    engine = RecommenderEngine(model, ds, "speed", int(cfg["data"]["max_history"]), exclude_history=True)
+    engine.n_users = n  # the first n users only
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"sqlite:///{tmp}/speed.db")
+        t, c = time.perf_counter(), time.process_time()
+        r = precompute(engine, store, k=k, batch_size=256, progress=False)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        store.close()
+    return {"variant": f"precompute k={k} (seen excluded, SQLite)", "users": r["users"], "wall_s": wall, "cpu_s": cpu,
+            "users_per_s": r["users"] / wall, "users_per_cpu_s": r["users"] / max(cpu, 1e-9), "load_1m": os.getloadavg()[0]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -77,6 +98,8 @@ def main():
     ap.add_argument("--no-prefix", action="store_true", help="also time without the shared-prefix cache")
     ap.add_argument("--no-prune", action="store_true", help="also time without last-level beam pruning")
     ap.add_argument("--baseline", help="also time this file's beam_search_prompts (an older beam.py)")
+    ap.add_argument("--precompute", type=int, action="append", default=[], metavar="K",
+                    help="also time `ttds precompute` of the first N users at k=K (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-minutes", type=float, default=15.0)
     ap.add_argument("--out", default=None, help="default benchmarks/results/eval_speed-<dataset>.json (+ .md)")
@@ -152,6 +175,8 @@ def main():
                          "beam_batch": model.beam_batch})
         finally:
             beam.beam_search_prompts = engine
+    for k in args.precompute:
+        rows.append({**time_precompute(model, ds, cfg, n, k), "beam_batch": model.beam_batch})
     for r in rows:
         r["achieved_flops_per_cpu_s"] = r["users_per_cpu_s"] * info["forward_flops_per_user"]
         r["extrapolated_full_test_min"] = len(test) / r["users_per_s"] / 60
