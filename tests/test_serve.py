@@ -167,6 +167,26 @@ def test_engine_matches_exhaustive_scoring_both_interfaces(ds):
         assert not set(ref) & set(h)
 
 
+def test_short_rows_search_again_with_a_doubled_beam(ds):
+    """A row that the seen-item filter leaves short of k is searched again with twice the beam, up to k + |seen|,
+    not with k + |seen| at once (a long history would make every short row of the batch pay for it)."""
+    eng = make_engine(ds)
+    wants = []
+
+    class Recorder(RankOnly):
+        def recommend(self, users, history, k):
+            wants.append(k)
+            return super().recommend(users, history, k)
+
+    rank = RecommenderEngine(Recorder(eng.model), ds, "tiny-1")
+    h = eng.user_history(0)
+    long_history = (h + [i for i in range(ds.n_items) if i not in h])[:40]  # 40 seen items
+    got = rank.recommend_histories([long_history], 3)[0]
+    assert [i for i, _ in got] == exhaustive_top(eng, long_history, 3)
+    assert wants[0] == 3 and len(wants) > 1, wants
+    assert all(b == min(2 * a, 3 + 40) for a, b in zip(wants, wants[1:])), wants
+
+
 def test_assign_new_id_collisions():
     idx = SemanticIndex(np.array([[1, 2, 0], [1, 2, 1], [3, 0, 0]]), [4, 4, 2], ["a", "b", "p"])
     codes, sizes = assign_new_id(idx, [1, 2])
