@@ -31,24 +31,17 @@ def row(label: str, run: Path) -> dict:
     return {"label": label, "model": cfg.get("name") or run.name, "overrides": overrides(cfg), "run_dir": str(run), **m}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def overrides(cfg: dict) -> list[str]:
     """KEY=VALUE of the run's resolved config that differ from its model's config as it is now (defaults < model);
     a key the run has and the current config lacks is listed too. `name` and `data` are not settings."""
-    from ttds.config import load_config
+    from ttds.config import flatten, load_config
     from ttds.errors import TTDSError
 
     try:
-        base = _flat(load_config(model=cfg.get("name")))
+        base = flatten(load_config(model=cfg.get("name")))
     except TTDSError:
         base = {}
-    return [f"{k}={v}" for k, v in _flat(cfg).items()
+    return [f"{k}={v}" for k, v in flatten(cfg).items()
             if k != "name" and not k.startswith("data.") and (k not in base or base[k] != v)]
 
 

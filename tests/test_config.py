@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from ttds.config import CONFIG_DIR, load_config, merge, parse_override
+from ttds.config import CONFIG_DIR, flatten, load_config, merge, parse_override
 from ttds.errors import TTDSError
 from ttds.runtime import start_run
 
@@ -41,13 +41,6 @@ def test_model_base_layer(tmp_path, monkeypatch):
         load_config("orphan")
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 # paper Tables 2-3: each ablation is its parent with exactly these settings changed
 ABLATIONS = {
     "stds": ("ttds", {"index.user": False}),
@@ -65,12 +58,12 @@ ABLATIONS = {
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_each_ablation_is_one_change_from_its_parent(name):
     parent, change = ABLATIONS[name]
-    a, p = _flat(load_config(model=name)), _flat(load_config(model=parent))
+    a, p = flatten(load_config(model=name)), flatten(load_config(model=parent))
     assert {k: v for k, v in a.items() if p.get(k, object()) != v} == change
 
 
 def test_ttds_shares_everything_but_the_dynamic_parts_with_ttss():
-    d, s = _flat(load_config(model="ttds")), _flat(load_config(model="ttss"))
+    d, s = flatten(load_config(model="ttds")), flatten(load_config(model="ttss"))
     differ = {k.split(".")[0] for k in set(d) | set(s) if d.get(k, object()) != s.get(k, object())}
     assert differ == {"recipe", "dynamic", "loss"}
 

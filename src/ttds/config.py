@@ -71,6 +71,14 @@ def set_path(cfg: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: settings as dotted keys, e.g. to compare two configs."""
+    out = {}
+    for k, v in cfg.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def get_path(cfg: dict, dotted: str, default: Any = None) -> Any:
     node: Any = cfg
     for k in dotted.split("."):
