@@ -221,3 +221,48 @@ def test_no_position_sees_the_items_after_it(name, tiny):
         ha, hb = model.encode(users, model.to_internal(a)), model.encode(users, model.to_internal(b))
     torch.testing.assert_close(ha[:, :5], hb[:, :5], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(ha[:, 5:], hb[:, 5:])
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_seen_bias_offsets_exactly_the_history_items(loss, tiny):
+    """`model.seen_bias: true`: one learned scalar added to the scores of the items in the history
+    (the window's items up to each position in training); it gets a gradient; off by default."""
+    torch.manual_seed(0)
+    assert build_model(load_config(model="sasrec"), tiny.n_items, tiny.n_users).seen_bias is None
+    model = build_model(load_config(model="sasrec", overrides=["model.seen_bias=true", f"model.loss={loss}"]),
+                        tiny.n_items, tiny.n_users).eval()
+    users, hist = torch.tensor([0, 1]), torch.tensor([[-1, 4, 9, 2], [3, 5, 13, 3]])  # a repeat counts once
+    before = model.scores(users, hist)
+    with torch.no_grad():
+        model.seen_bias.fill_(-2.0 / model.SEEN_BIAS_SCALE)
+    diff = model.scores(users, hist) - before
+    expect = torch.zeros_like(diff)
+    expect[0, [4, 9, 2]] = expect[1, [3, 5, 13]] = -2.0
+    torch.testing.assert_close(diff, expect)
+    # training: a window's position t sees the items up to t only
+    window = torch.tensor([[-1, 4, 9, 2, 7]])
+    h = model.encode(users[:1], model.to_internal(window[:, :-1]))[0, 1:]  # positions of 4, 9, 2
+    seen = torch.tensor([[4, -1, -1], [4, 9, -1], [4, 9, 2]])
+    expect = torch.zeros(3, tiny.n_items)
+    expect[0, 4] = expect[1, [4, 9]] = expect[2, [4, 9, 2]] = -2.0
+    torch.testing.assert_close(model.logits(h, None, seen) - model.logits(h), expect)
+    if loss == "ce":  # (BCE's one random negative rarely is a seen item)
+        model.train().loss(users[:1], window).backward()
+        assert model.seen_bias.grad is not None and model.seen_bias.grad.abs().item() > 0
+
+def test_sasrec_untied_scores_against_its_own_output_table(tiny):
+    """`model.tied: false` scores items against a separate output table: changing it changes scores,
+    changing the input table's rows of items not in the history does not (tied: it does)."""
+    users, hist = torch.tensor([0]), torch.tensor([[4, 9, 2]])
+    for tied in (True, False):
+        torch.manual_seed(0)
+        model = build_model(load_config(model="sasrec", overrides=[f"model.tied={str(tied).lower()}"]), tiny.n_items,
+                            tiny.n_users).eval()
+        before = model.scores(users, hist)
+        with torch.no_grad():
+            model.item_emb.weight[1 + 50] += torch.randn(model.item_emb.weight.shape[1])  # item 50, not in the history: only its input row
+        assert torch.allclose(model.scores(users, hist), before) != tied
+        if not tied:
+            with torch.no_grad():
+                model.out_emb.weight[50] += torch.randn(model.out_emb.weight.shape[1])
+            assert not torch.allclose(model.scores(users, hist)[:, 50], before[:, 50])

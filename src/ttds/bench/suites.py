@@ -18,6 +18,7 @@ SUITES: dict[str, list[Entry]] = {
     # the paper's classical sequential baselines, each with its default config
     "classic": [
         Entry("SASRec", "sasrec"),
+        Entry("SASRec+seen", "sasrec", ("model.seen_bias=true",)),  # + a learned score offset for seen items
         Entry("SASRec-BCE", "sasrec_bce"),
         Entry("GRU4Rec", "gru4rec"),
         Entry("BERT4Rec", "bert4rec"),

@@ -34,6 +34,8 @@ class SASRecConfig:
     attn_dropout: float = 0.5
     loss: str = "ce"  # ce | bce
     positions: str = "start"  # start: index from the window's first item (RecBole) | end: from the last
+    tied: bool = True  # score items against the input item embeddings (RecBole); false: a separate output table
+    seen_bias: bool = False  # a learned score offset for items already in the history (SeqModel.enable_seen_bias)
 
 
 class SASRec(SeqModel):
@@ -53,7 +55,10 @@ class SASRec(SeqModel):
         self.blocks = nn.ModuleList(
             TransformerBlock(d, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.layers)
         )
+        self.out_emb = None if cfg.tied else nn.Embedding(n_items, d)
         self.init_weights()
+        if cfg.seen_bias:
+            self.enable_seen_bias()
 
     def encode(self, users: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         if self.positions == "start":  # left-padded: the first item is at 0, padding at 0 too (masked)
@@ -67,4 +72,5 @@ class SASRec(SeqModel):
         return x
 
     def output_embeddings(self):
-        return self.item_emb.weight[1:], None
+        w = self.item_emb.weight[1:] if self.out_emb is None else self.out_emb.weight
+        return w, None
