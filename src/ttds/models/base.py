@@ -78,9 +78,11 @@ class SeqModel(nn.Module):
         w, b = self.output_embeddings()
         out = h @ w.t()
         out = out + b if b is not None else out
-        if self.seen_bias is not None and seen is not None:  # each (row, seen item) once, O(P x N)
-            row, col = (seen >= 0).nonzero(as_tuple=True)
-            out = out.index_put((row, seen[row, col]), out[row, seen[row, col]] + self.seen_offset())
+        if self.seen_bias is not None and seen is not None:  # each (row, seen item) once, in place, O(P x N)
+            srt = seen.sort(1).values
+            first = (srt >= 0) & torch.cat([torch.ones_like(srt[:, :1], dtype=torch.bool), srt[:, 1:] != srt[:, :-1]], 1)
+            row, col = first.nonzero(as_tuple=True)
+            out = out.index_put_((row, srt[row, col]), self.seen_offset().expand(len(row)), accumulate=True)
         return out
 
     def last_hidden(self, users: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
