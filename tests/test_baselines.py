@@ -266,3 +266,30 @@ def test_sasrec_untied_scores_against_its_own_output_table(tiny):
             with torch.no_grad():
                 model.out_emb.weight[50] += torch.randn(model.out_emb.weight.shape[1])
             assert not torch.allclose(model.scores(users, hist)[:, 50], before[:, 50])
+
+
+def test_bench_keeps_rows_written_by_a_concurrent_bench(tmp_path, monkeypatch):
+    """Two `ttds bench` processes on the same suite and dataset: each merges its row into the rows on
+    disk when it writes, so neither loses the other's (reading them only at the start lost rows)."""
+    from ttds.bench import harness
+    from ttds.io import read_json, write_json
+
+    res = tmp_path / "results"
+    path = res / "classic-builtin.json"
+
+    def fake_row(label):
+        t = {c: 0.1 for c in harness.COLUMNS}
+        return {"label": label, "model": "x", "test": t, "valid": dict(t), "epochs": 1, "stopped": "patience",
+                "train_seconds": 1.0, "peak_rss_mb": 1.0}
+
+    def fake_entry(entry, data, run_dir, overrides, drop_short, label=""):
+        # meanwhile, another bench process finishes HGN and writes its table
+        write_json(path, {"rows": read_json(path)["rows"] + [fake_row("HGN")]} if path.is_file() else {"rows": [fake_row("HGN")]})
+        return fake_row(label or entry.label)
+
+    write_json(path, {"rows": [fake_row("Caser")]})
+    monkeypatch.setattr(harness, "run_entry", fake_entry)
+    harness.run_suite("classic", "builtin:users=60,items=40", tmp_path / "runs", res, [], ["SASRec"])
+    labels = [r["label"] for r in read_json(path)["rows"]]
+    assert labels == ["SASRec", "Caser", "HGN"]
+    assert "| HGN |" in (res / "classic-builtin.md").read_text()

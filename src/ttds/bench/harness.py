@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from contextlib import contextmanager
 import sys
 import time
 from pathlib import Path
@@ -134,12 +135,11 @@ def run_suite(suite: str, data: str, runs: Path, results: Path, overrides: list[
         entries = [e for e in entries if e.label in only or e.model in only]
     name = dataset_name(data, drop_short)
     json_path = Path(results) / f"{suite}-{name}.json"
-    previous = {r["label"]: r for r in read_json(json_path).get("rows", [])} if json_path.is_file() else {}
     result = {"suite": suite, "dataset": name, "data": str(data), "machine": machine_info(),
               "protocol": "leave-one-out; full ranking; no masking of seen items; pessimistic ties",
               "rows": []}
-    rows = dict(previous)
     order = [x.label for x in SUITES[suite]]
+    md = ""
 
     def rank(label: str) -> tuple:  # suite order, then seed
         base, _, seed = label.partition("@")
@@ -150,11 +150,30 @@ def run_suite(suite: str, data: str, runs: Path, results: Path, overrides: list[
             label, folder, extra = e.label, Path(runs) / f"{suite}-{name}" / e.label, []
             if seed is not None:
                 label, folder, extra = f"{e.label}@{seed}", folder.with_name(f"{e.label}-s{seed}"), [f"seed={seed}"]
-            rows[label] = run_entry(e, data, folder, overrides + extra, drop_short, label)
-            result["rows"] = sorted(rows.values(), key=lambda r: rank(r["label"]))
-            ran = [r["machine"] for r in result["rows"] if "machine" in r]
-            result["machine"] = ran[-1] if ran else result["machine"]  # as seen by the training processes
-            write_json(json_path, result)
-            md = format_markdown(result)
-            write_text(json_path.with_suffix(".md"), md)
+            row = run_entry(e, data, folder, overrides + extra, drop_short, label)
+            # merge into the rows on disk NOW, under a lock: another `ttds bench` of the same suite and
+            # dataset may have added rows while this model trained (reading them only at the start lost them)
+            with _locked(json_path):
+                rows = {r["label"]: r for r in read_json(json_path).get("rows", [])} if json_path.is_file() else {}
+                rows[label] = row
+                result["rows"] = sorted(rows.values(), key=lambda r: rank(r["label"]))
+                ran = [r["machine"] for r in result["rows"] if "machine" in r]
+                result["machine"] = ran[-1] if ran else result["machine"]  # as seen by the training processes
+                write_json(json_path, result)
+                md = format_markdown(result)
+                write_text(json_path.with_suffix(".md"), md)
     return md
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock (fcntl) on `path`.lock for a read-modify-write of `path`."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
