@@ -9,4 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-../shared/data}
 nice -n 10 .venv/bin/ttds bench classic --data "$ROOT/Instruments" --set threads=1 --set train.max_minutes="${2:-12}"
-nice -n 10 .venv/bin/ttds bench classic --data "$ROOT/Games" --set threads=1 --set train.max_minutes="${3:-15}"
+nice -n 10 .venv/bin/ttds bench classic --data "$ROOT/Games" --set threads=1 --set train.max_minutes="${3:-30}"
