@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from contextlib import contextmanager
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ttds.bench.suites import REFERENCE, SUITES, Entry
