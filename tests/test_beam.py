@@ -119,3 +119,25 @@ def test_last_level_pruning_is_exact_and_skips_beams(model):
         del model.hidden
     assert torch.equal(full, pruned) and torch.allclose(s_full, s_pruned, atol=1e-5)
     assert n_pruned < n_full  # peaked scores: beams below the 5th best child are not fed
+
+
+def test_excluded_items_are_searched_around(model):
+    """`exclude` masks every prefix that leads only to excluded items: exact with a beam >= catalogue (the top k
+    of exhaustive scoring over the other items) and, with a small beam, still k valid unseen distinct items,
+    even when the excluded items would fill the whole unconstrained top k."""
+    prompts = [model.codec.seqrec_prompt(0, [1, 2, 3]), model.codec.seqrec_prompt(3, [5]), model.codec.seqrec_prompt(5, [])]
+    n = model.item_index.n
+    free, _ = beam_search(model, prompts, model.trie, 0, beam=64, k=n)
+    exclude = [free[0, :8].tolist(), [], list(range(0, n, 2))]  # row 0: its own top 8 items
+    ent, score = beam_search(model, prompts, model.trie, 0, beam=64, k=10, exclude=exclude)
+    for i, p in enumerate(prompts):
+        ref = exhaustive_scores(model, p, model.item_index.codes)
+        ref[exclude[i]] = float("-inf")
+        top = ref.topk(10)
+        assert ent[i].tolist() == top.indices.tolist()
+        assert torch.allclose(score[i], top.values, atol=1e-4)
+    ent, _ = beam_search(model, prompts, model.trie, 0, beam=4, k=4, exclude=exclude)
+    for row, ex in zip(ent.tolist(), exclude):
+        assert all(0 <= e < n for e in row) and len(set(row)) == 4 and not set(row) & set(ex)
+    batched, _ = beam_search_prompts(model, prompts, model.trie, 0, beam=4, k=4, batch=2, exclude=exclude)
+    assert torch.equal(batched, ent)

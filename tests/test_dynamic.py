@@ -287,3 +287,61 @@ def test_late_freeze_counts_from_the_last_epoch_the_step_budget_reaches(bb_dir, 
 
     assert reassigned_at("free") == [per_epoch, 2 * per_epoch]
     assert reassigned_at("late", ["dynamic.freeze_last_epochs=1"]) == [per_epoch]  # the final epoch keeps its index
+
+
+def test_behaviour_states_are_recorded_per_predicted_item_and_fused(bb_dir, ds, tmp_path):
+    """dynamic.behaviour_weight: loss() adds, for every position that predicts an item's first ID token, the
+    transformed state there to that item's sum (checked against a plain loop over the labels); the re-assignment
+    input is then text + w x the centred mean state at the text's RMS, and items never predicted keep their text."""
+    model, cfg = _model(bb_dir, ds, tmp_path, extra=["dynamic.behaviour_weight=1.0"])
+    t = model.towers["item"]
+    assert t.has_behaviour and not model.towers["user"].has_behaviour  # items only
+    model.target_state_hook = model.record_target_states
+    ids, attn, labels = _batch(model, ds, cfg)
+    model.eval()  # no dropout: the reference forward below gives the same states
+    model.loss(ids, attn, labels)
+    # reference: a loop over each row's labels, IDs looked up in a dict
+    by_id = {tuple(c): e for e, c in enumerate(model.item_index.codes.tolist())}
+    L, first = model.item_index.n_levels, model.n_words
+    with torch.no_grad():
+        z = model.head(model.hidden(ids, attn, (attn.cumsum(1) - 1).clamp(min=0)))
+    want_sum, want_n = torch.zeros_like(t.behaviour_sum), torch.zeros_like(t.behaviour_count)
+    for b in range(len(ids)):
+        pos = [p for p in range(labels.shape[1]) if labels[b, p] >= 0]
+        lab = [int(labels[b, p]) for p in pos]
+        for j, tok in enumerate(lab[:len(lab) - L + 1]):
+            codes = [lab[j + l] - first - model.offsets[l] for l in range(L)]
+            if all(0 <= c < model.groups[l][2] for l, c in enumerate(codes)) and tuple(codes) in by_id:
+                e = by_id[tuple(codes)]
+                want_sum[e] += z[b, pos[j]]
+                want_n[e] += 1
+    assert want_n.sum() > 10
+    assert torch.equal(t.behaviour_count, want_n)
+    assert torch.allclose(t.behaviour_sum, want_sum, atol=1e-4)
+    # fusion
+    x = torch.randn(t.n, t.x.shape[1])
+    fused = t.fuse_behaviour(x, 0.5)
+    seen = want_n > 0
+    assert torch.equal(fused[~seen], x[~seen]) and not torch.allclose(fused[seen], x[seen])
+    b = want_sum[seen] / want_n[seen, None]
+    b = b - b.mean(0)
+    scale = (x - x.mean(0)).pow(2).sum(1).mean().sqrt() / b.pow(2).sum(1).mean().sqrt()
+    assert torch.allclose(fused[seen], x[seen] + 0.5 * scale * b, atol=1e-4)
+    assert t.behaviour_count.sum() == 0 and t.behaviour_sum.abs().sum() == 0  # restarted
+
+
+def test_behaviour_fusion_runs_and_resumes_exactly(bb_dir, tmp_path):
+    small = load_dataset(SMALL)
+    extra = ["dynamic.reassign_steps=2", "dynamic.warmup_steps=1", "dynamic.behaviour_weight=1.0"]
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *extra]), small, tmp_path / "b")
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=3", *extra]), small, tmp_path / "c")
+    (tmp_path / "c" / "metrics.json").unlink()
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *extra]), small, tmp_path / "c")
+    sb, sc = (json.loads((tmp_path / r / "state.json").read_text()) for r in ("b", "c"))
+    assert len(sb["reassign"]) == 2 and sc["losses"] == pytest.approx(sb["losses"], rel=1e-5)
+    xb, xc = (load_safetensors(tmp_path / r / "last.safetensors") for r in ("b", "c"))
+    assert torch.allclose(xb["model.towers.item.x"], xc["model.towers.item.x"], atol=1e-5)
+    assert xb["model.towers.item.behaviour_count"].sum() > 0  # the training loss fed the sums (since step 4)
+    assert torch.allclose(xb["model.towers.item.behaviour_sum"], xc["model.towers.item.behaviour_sum"], atol=1e-4)
+    with pytest.raises(Exception, match="refresh_text"):
+        dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=1", "dynamic.refresh_text=false", *extra]), small, tmp_path / "d")

@@ -194,3 +194,30 @@ def test_int8_serving_option(run_dir, one_thread):
     assert eng.add_item({"title": "still works"})[0] == eng.n_items - 1  # the coder keeps its own fp32 encoder
     with pytest.raises(TTDSError, match="--quantize"):
         load_engine(run_dir, DATA, quantize="fp8")
+
+
+def test_engine_searches_around_seen_items_in_one_pass(engine):
+    """A generative model gets the user's history as `exclude`: one beam search of k, no seen item out, and the
+    list is the top k of exhaustive scoring over the unseen items (beam >= catalogue here: exact)."""
+    from ttds.models.beam import exhaustive_scores
+
+    model, calls = engine.model, []
+    inner = model.recommend
+
+    def spy(*a, **kw):
+        calls.append((a[2] if len(a) > 2 else kw.get("k"), kw.get("exclude")))
+        return inner(*a, **kw)
+
+    hist = engine.user_history(2)[-4:]
+    ref = exhaustive_scores(model, model.prompts(torch.tensor([-1]), torch.tensor([hist]))[0], model.item_index.codes)
+    ref[hist] = float("-inf")
+    k = min(5, model.n_items - len(hist))
+    beam = model.beam
+    model.recommend, model.beam = spy, model.n_items
+    try:
+        got = engine.recommend_histories([hist], k)[0]
+    finally:
+        del model.recommend
+        model.beam = beam
+    assert len(calls) == 1 and calls[0][0] == k and [set(e) for e in calls[0][1]] == [set(hist)]
+    assert [i for i, _ in got] == ref.topk(k).indices.tolist()

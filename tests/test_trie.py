@@ -57,3 +57,30 @@ def test_invalid_ids_map_to_minus_one_and_add_entity():
 def test_collisions_rejected():
     with pytest.raises(ValueError):
         IDTrie(SemanticIndex(np.array([[0, 1], [0, 1]]), [2, 2], ["a", "b"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(indices(), st.data())
+def test_excluded_prefixes_are_exactly_those_with_only_excluded_leaves(index, data):
+    """A continuation is allowed for a row iff it leads to at least one entity that row does not exclude;
+    the same after `add` (serving's new items)."""
+    trie = IDTrie(index)
+    if data.draw(st.booleans()):  # a new entity appended by `add`, when the code space has room
+        taken = {tuple(r) for r in index.codes.tolist()}
+        free = [c for c in itertools.product(*[range(k) for k in index.level_sizes]) if c not in taken]
+        if free:
+            trie.add(list(free[0]))
+            index = SemanticIndex(np.vstack([index.codes, free[0]]), index.level_sizes, index.prefixes)
+    n, L = index.n, index.n_levels
+    seen = [data.draw(st.lists(st.integers(0, n - 1), max_size=n)) for _ in range(3)] + [[]]
+    excl = trie.excluded(seen)
+    for t in range(L):
+        combos = list(itertools.product(*[range(k) for k in index.level_sizes[:t]]))
+        for b, s in enumerate(seen):
+            rest = [tuple(index.codes[e]) for e in range(n) if e not in set(s)]
+            prefix = torch.tensor(combos, dtype=torch.long).reshape(len(combos), t)
+            node = trie.nodes_of(prefix)
+            got = trie.allowed(node, t, torch.full((len(combos),), b), excl)
+            for row, p in zip(got.tolist(), combos):
+                want = [any(r[:t] == p and r[t] == c for r in rest) for c in range(index.level_sizes[t])]
+                assert row == want, (b, p, t)

@@ -8,6 +8,9 @@ The hot path of constrained decoding never loops over beams in Python:
     mask  = trie.allowed(node, t)        # BoolTensor [B, K_t]: child[t][node] >= 0
     node  = trie.step(node, code, t)     # LongTensor [B]: child[t][node, code]
 Batched prefixes [B, t] can also be turned into nodes (`nodes_of`) or masks (`allowed_after`).
+Per-row exclusions (serving leaves a user's own items out): `excluded(seen)` lists, per depth, the
+nodes all of whose leaves a row excludes, and `allowed(node, t, rows, excl)` masks them too, so a
+constrained search never spends a beam on a prefix that leads only to excluded entities.
 Tables are built with numpy `unique` (no per-entity Python loop); `add` appends one entity
 (serving), `rebuild` re-creates the tables after a re-assignment of codes (the dynamic model).
 """
@@ -36,6 +39,7 @@ class IDTrie:
         self.child: list[torch.Tensor] = []
         node = np.zeros(n, dtype=np.int64)  # each entity's node at the current depth
         n_nodes = 1
+        paths = np.zeros((n, L), dtype=np.int64)
         for t in range(L):
             # the nodes of depth t+1 are the distinct (node_t, code_t) pairs
             key = node * self.level_sizes[t] + codes[:, t]
@@ -44,10 +48,13 @@ class IDTrie:
             table[uniq // self.level_sizes[t], uniq % self.level_sizes[t]] = np.arange(len(uniq), dtype=np.int32)
             self.child.append(torch.from_numpy(table))
             node, n_nodes = nxt.reshape(-1), len(uniq)
+            paths[:, t] = node
         leaf_entity = np.full(n_nodes, -1, dtype=np.int64)
         leaf_entity[node] = np.arange(n)
         self.leaf_entity = torch.from_numpy(leaf_entity)
         self.entity_leaf = torch.from_numpy(node.copy())  # entity -> leaf node
+        self.paths = torch.from_numpy(paths)  # entity -> its node at depths 1..L
+        self._leaf_counts = None
 
     def add(self, codes: list[int] | np.ndarray) -> int:
         """Append one entity with full ID `codes`; returns its entity id. Raises if the ID exists."""
@@ -72,12 +79,19 @@ class IDTrie:
         entity = len(self.entity_leaf)
         self.leaf_entity[node] = entity
         self.entity_leaf = torch.cat([self.entity_leaf, torch.tensor([node])])
+        path = [int(self.child[0][0, codes[0]])]
+        for t in range(1, self.n_levels):
+            path.append(int(self.child[t][path[-1], codes[t]]))
+        self.paths = torch.cat([self.paths, torch.tensor([path], dtype=self.paths.dtype)])
+        self._leaf_counts = None
         return entity
 
     def to(self, device) -> "IDTrie":
         self.child = [c.to(device) for c in self.child]
         self.leaf_entity = self.leaf_entity.to(device)
         self.entity_leaf = self.entity_leaf.to(device)
+        self.paths = self.paths.to(device)
+        self._leaf_counts = None
         return self
 
     # ------------------------------------------------------------------ queries (vectorised)
@@ -93,10 +107,39 @@ class IDTrie:
     def root(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, dtype=torch.long, device=self.leaf_entity.device)
 
-    def allowed(self, node: torch.Tensor, t: int) -> torch.Tensor:
-        """BoolTensor [B, K_t]: codes of level t that continue the prefixes ending at `node` (-1 = dead)."""
-        rows = self.child[t][node.clamp(min=0)]
-        return (rows >= 0) & (node >= 0).unsqueeze(-1)
+    def n_nodes(self, depth: int) -> int:
+        return len(self.child[depth]) if depth < self.n_levels else len(self.leaf_entity)
+
+    def allowed(self, node: torch.Tensor, t: int, rows: torch.Tensor | None = None,
+                excluded: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """BoolTensor [B, K_t]: codes of level t that continue the prefixes ending at `node` (-1 = dead).
+        With `excluded` (from `excluded()`) and each prefix's batch row in `rows` [B], children whose
+        every leaf that row excludes are masked too."""
+        child = self.child[t][node.clamp(min=0)]
+        ok = (child >= 0) & (node >= 0).unsqueeze(-1)
+        if excluded is not None and len(excluded[t]):
+            key = rows.unsqueeze(-1) * self.n_nodes(t + 1) + child.clamp(min=0)
+            ok &= ~torch.isin(key, excluded[t])
+        return ok
+
+    def excluded(self, seen: list) -> list[torch.Tensor]:
+        """For rows b with entity collections seen[b]: per level t, the keys `b * n_nodes(t + 1) + node` of
+        the depth-(t+1) nodes all of whose leaves are in seen[b] (for `allowed`). Unknown ids are ignored."""
+        if self._leaf_counts is None:
+            self._leaf_counts = [torch.bincount(self.paths[:, t], minlength=self.n_nodes(t + 1))
+                                 for t in range(self.n_levels)]
+        n = self.n_entities
+        pairs = [(b, int(i)) for b, items in enumerate(seen) for i in set(items) if 0 <= int(i) < n]
+        if not pairs:
+            return [self.paths.new_zeros(0) for _ in range(self.n_levels)]
+        row = torch.tensor([b for b, _ in pairs], device=self.paths.device)
+        ent = torch.tensor([i for _, i in pairs], device=self.paths.device)
+        out = []
+        for t in range(self.n_levels):
+            key = row * self.n_nodes(t + 1) + self.paths[ent, t]
+            uniq, count = torch.unique(key, return_counts=True)
+            out.append(uniq[count == self._leaf_counts[t][uniq % self.n_nodes(t + 1)]])
+        return out
 
     def step(self, node: torch.Tensor, code: torch.Tensor, t: int) -> torch.Tensor:
         """Nodes of depth t+1 after appending `code` (level t) to the prefixes ending at `node`; -1 if invalid."""

@@ -117,10 +117,12 @@ def shared_prefix(model, prompts: list[np.ndarray], min_length: int = 2):
 
 @torch.no_grad()
 def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, beam: int = 20, k: int = 10,
-                prefix=None, prune_last: bool = True):
+                prefix=None, prune_last: bool = True, exclude: list | None = None):
     """One batch. Returns (entities [B, k] long, -1 = none; log-prob scores [B, k]). `prefix`: the
     prompts' shared first tokens' keys/values from `shared_prefix` (None: run the whole prompts).
-    `prune_last`: at the last level skip the beams that cannot reach the top k (same results)."""
+    `prune_last`: at the last level skip the beams that cannot reach the top k (same results).
+    `exclude`: per prompt, entities that must not come out (serving: the user's own items); the trie
+    masks every prefix that leads only to them, so no beam is spent on them and k others come out."""
     device = model.id_bias.device
     S = prefix[0] if prefix is not None else 0
     ids, attn = left_pad([p[S:] for p in prompts], device=device)
@@ -134,7 +136,9 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
     h, cache = model.hidden(ids, attn, pos, past_key_values=cache, use_cache=True)
     logp = torch.log_softmax(model.level_logits(h[:, -1], group0).float(), -1)
     node = trie.root(B)
-    logp = logp.masked_fill(~trie.allowed(node, 0), float("-inf"))
+    excl = trie.excluded(exclude) if exclude is not None else None
+    brow = torch.arange(B, device=device)
+    logp = logp.masked_fill(~trie.allowed(node, 0, brow, excl), float("-inf"))
     W = min(beam, logp.shape[1])
     score, code = logp.topk(W, dim=1)  # [B, W]
     node = trie.step(node.repeat_interleave(W), code.reshape(-1), 0)
@@ -156,7 +160,8 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
         h, cache = model.hidden(tok, allowed.unsqueeze(1), (pos[:, -1:] + t).expand(B, n), past_key_values=cache, use_cache=True)
         cur += n
         logp = torch.log_softmax(model.level_logits(h, group0 + t).float(), -1)  # [B, n, K]
-        logp = logp.masked_fill(~trie.allowed(node.view(B, W)[:, sel].reshape(-1), t).view(B, n, -1), float("-inf"))
+        ok = trie.allowed(node.view(B, W)[:, sel].reshape(-1), t, brow.repeat_interleave(n), excl)
+        logp = logp.masked_fill(~ok.view(B, n, -1), float("-inf"))
         return score[:, sel].unsqueeze(2) + logp
 
     for t in range(1, trie.n_levels):
@@ -188,15 +193,16 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
 
 @torch.no_grad()
 def beam_search_prompts(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, beam: int = 20, k: int = 10,
-                        batch: int = 32):
+                        batch: int = 32, exclude: list | None = None):
     """Many prompts: sorted by length into micro-batches of `batch` (little padding), original order kept;
-    their common prefix is run once for all (`shared_prefix`)."""
+    their common prefix is run once for all (`shared_prefix`). `exclude`: per prompt (see `beam_search`)."""
     order = np.argsort([len(p) for p in prompts], kind="stable")
     prefix = shared_prefix(model, prompts) if len(prompts) > 1 else None
     ents, scores = torch.full((len(prompts), k), -1, dtype=torch.long), torch.full((len(prompts), k), float("-inf"))
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
-        e, sc = beam_search(model, [prompts[i] for i in idx], trie, group0, beam, k, prefix)
+        e, sc = beam_search(model, [prompts[i] for i in idx], trie, group0, beam, k, prefix,
+                            exclude=None if exclude is None else [exclude[i] for i in idx])
         ents[torch.as_tensor(idx)], scores[torch.as_tensor(idx)] = e.cpu(), sc.cpu()
     return ents, scores
 

@@ -116,6 +116,8 @@ class GenerativeRecommender(nn.Module):
         z = h if transformed else self.head(h)
         return z @ self.id_table()[s:s + k].t().to(z.dtype) + self.id_bias[s:s + k]
 
+    target_state_hook = None  # called by loss() with (transformed states, targets) of the labelled positions
+
     def loss(self, ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all target tokens: ID targets over their level's tokens only,
         word targets over the word vocabulary. labels[b, p] = token predicted at p, -100 = none."""
@@ -123,6 +125,8 @@ class GenerativeRecommender(nn.Module):
         h = self.hidden(ids, attention_mask, pos)
         sel = labels >= 0
         z, y = self.head(h[sel]), labels[sel]
+        if self.target_state_hook is not None:
+            self.target_state_hook(z.detach(), y)
         total = z.new_zeros(())
         word = y < self.n_words
         if word.any():
@@ -149,18 +153,20 @@ class GenerativeRecommender(nn.Module):
 
     @torch.no_grad()
     def recommend(self, users, history, k: int = 10, template: int | None = None, user_texts: list[str | None] | None = None,
-                  return_scores: bool = False):
+                  return_scores: bool = False, exclude: list | None = None):
         """Ranked item ids [B, k] by trie-constrained beam search (-1 where fewer than k exist); with
-        `return_scores` also their scores [B, k]: log P(item ID | prompt), the sum over the ID's tokens."""
+        `return_scores` also their scores [B, k]: log P(item ID | prompt), the sum over the ID's tokens.
+        `exclude`: per user, item ids that must not come out (searched around, not filtered afterwards)."""
         from ttds.models.beam import beam_search_prompts
 
         items, scores = beam_search_prompts(self, self.prompts(users, history, template, user_texts), self.trie, 0,
-                                            beam=max(self.beam, k), k=k, batch=self.beam_batch)
+                                            beam=max(self.beam, k), k=k, batch=self.beam_batch, exclude=exclude)
         return (items, scores) if return_scores else items
 
     # ------------------------------------------------------------------ serving: new items, anonymous users
 
     accepts_user_text = True  # recommend() takes user_texts (serving engine)
+    accepts_exclude = True  # recommend() takes exclude: seen items are searched around, in one pass
     item_coder = None  # ttds.serve.new_items.TextCoder: a new item's text -> vector -> base codes (set when served)
     user_coder = None  # the same for an anonymous user's text (None: no user ID for anonymous users)
 

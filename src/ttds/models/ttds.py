@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttds.errors import TTDSError
 from ttds.index import collisions
 from ttds.index.base import SemanticIndex, level_prefixes
 from ttds.index.rqvae import RQVAE
@@ -55,11 +56,17 @@ class TowerTokenizer(nn.Module):
     projection. The disambiguation level has a fixed capacity so the token space never changes."""
 
     def __init__(self, tower: str, tokenizer: nn.Module, x: torch.Tensor, d_model: int, collision: str = "ttds",
-                 capacity: int = 64, word_std: float = 0.05, text_head: bool = True):
+                 capacity: int = 64, word_std: float = 0.05, text_head: bool = True, behaviour: bool = False):
         super().__init__()
         self.tower, self.collision = tower, collision
         self.tokenizer = tokenizer
         self.register_buffer("x", x.float().clone())
+        if behaviour:  # `dynamic.behaviour_weight` > 0: the LM states that predicted each entity since the last re-assignment
+            if x.shape[1] != d_model:
+                raise TTDSError(f"dynamic.behaviour_weight: the {tower} text vectors have {x.shape[1]} dims, the LM states "
+                                f"{d_model}; fusing them needs X = f(C) from the backbone itself (index.options.encoder empty)")
+            self.register_buffer("behaviour_sum", torch.zeros(len(x), d_model))
+            self.register_buffer("behaviour_count", torch.zeros(len(x)))
         self.register_buffer("disambig_size", torch.tensor(int(capacity)))  # saved: fixes the token space
         self.has_codebooks = isinstance(tokenizer, RQVAE)
         self.n_code_levels = len(tokenizer.level_sizes)
@@ -103,6 +110,28 @@ class TowerTokenizer(nn.Module):
             self.tokenizer.set_input_stats(self.x)
         else:
             self.tokenizer.fit(self.x)
+
+    @property
+    def has_behaviour(self) -> bool:
+        return hasattr(self, "behaviour_sum")
+
+    @torch.no_grad()
+    def fuse_behaviour(self, x_text: torch.Tensor, weight: float) -> torch.Tensor:
+        """The tokenizer's input after a re-assignment with `dynamic.behaviour_weight` = w: each entity's text
+        vector plus w x the mean (centred) LM state that predicted its ID since the last re-assignment, scaled to
+        the text vectors' RMS; an entity never predicted keeps its text vector. The sums restart at zero."""
+        out = x_text.float().clone()
+        n = self.behaviour_count.to(out.device)
+        seen = n > 0
+        if weight > 0 and seen.any():
+            b = self.behaviour_sum.to(out.device)[seen] / n[seen, None]
+            b = b - b.mean(0)
+            xt = out - out.mean(0)
+            scale = xt.pow(2).sum(1).mean().sqrt() / b.pow(2).sum(1).mean().sqrt().clamp_min(1e-8)
+            out[seen] += weight * scale * b
+        self.behaviour_sum.zero_()
+        self.behaviour_count.zero_()
+        return out
 
     # ------------------------------------------------------------------ losses
 
@@ -237,6 +266,31 @@ class TTDSRecommender(GenerativeRecommender):
         if apply:
             self.set_index(new["item"], new["user"])
         return changed
+
+    @torch.no_grad()
+    def record_target_states(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """`target_state_hook` of `loss()` (`dynamic.behaviour_weight`): adds the transformed state at each position
+        that predicts the first ID token of an entity of a tower with behaviour sums to that entity's sum. `z` [N, d]
+        and `y` [N] are the labelled positions in order, so an ID's L tokens are L consecutive targets."""
+        yid = y - self.n_words
+        groups = self.token_group[yid.clamp(min=0)]
+        for tower, t in self.towers.items():
+            if not t.has_behaviour:
+                continue
+            g0 = 0 if tower == "item" else self.user_group0
+            L = len(t.level_sizes)
+            start = torch.nonzero((yid >= 0) & (groups == g0)).squeeze(1)
+            start = start[start + L <= len(y)]
+            if not len(start):
+                continue
+            pos = start.unsqueeze(1) + torch.arange(L, device=y.device)
+            tok = yid[pos]
+            ok = ((tok >= 0) & (groups[pos] == torch.arange(g0, g0 + L, device=y.device))).all(1)
+            codes = tok - torch.as_tensor(self.offsets[g0:g0 + L], device=y.device)
+            ent = (self.trie if tower == "item" else self.user_trie).entities(codes.clamp(min=0))
+            ok &= ent >= 0
+            t.behaviour_sum.index_add_(0, ent[ok], z[start[ok]].float())
+            t.behaviour_count.index_add_(0, ent[ok], torch.ones(int(ok.sum()), device=z.device))
 
     # ------------------------------------------------------------------ DM-VAE
 

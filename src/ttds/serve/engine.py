@@ -168,9 +168,14 @@ class RecommenderEngine:
                 top = torch.topk(s, min(k, n), dim=1)
                 idx, val = top.indices.tolist(), top.values.tolist()  # plain lists: per-element tensor access is slow
                 return [[(i, v) for i, v in zip(ri, rv) if v != float("-inf")] for ri, rv in zip(idx, val)]
-            # A generative model: a beam search returns `beam` items for the price of k, so the first pass asks
-            # for them all. Rows that the seen-item filter leaves short of k run again with a doubled beam, up to
-            # k + |seen| (which always leaves k unseen items). Doubling, not k + |seen| at once: one user with
+            if getattr(self.model, "accepts_exclude", False):
+                # the generative models search around the seen items (the trie masks every prefix that leads
+                # only to them): one pass gives k unseen items, at the cost of an ordinary top-k search
+                kwargs = kwargs | {"exclude": seen}
+                return self._generate(users_t, hist_t, list(range(B)), min(n, k), k, seen, kwargs)
+            # A model that can only rank: a beam search returns `beam` items for the price of k, so the first pass
+            # asks for them all. Rows that the seen-item filter leaves short of k run again with a doubled beam, up
+            # to k + |seen| (which always leaves k unseen items). Doubling, not k + |seen| at once: one user with
             # 680 seen items made the other short rows of a Games batch search 700 beams, and cost as much CPU
             # as the 256 users' first pass.
             want = min(n, max(k, int(getattr(self.model, "beam", 0) or 0)))
@@ -188,8 +193,9 @@ class RecommenderEngine:
 
         if self._return_scores:
             kwargs = kwargs | {"return_scores": True}
-        if "user_texts" in kwargs:
-            kwargs = kwargs | {"user_texts": [kwargs["user_texts"][b] for b in rows]}
+        for key in ("user_texts", "exclude"):
+            if key in kwargs:
+                kwargs = kwargs | {key: [kwargs[key][b] for b in rows]}
         idx = torch.as_tensor(rows, dtype=torch.long)
         res = self.model.recommend(users_t[idx].to(self.device), hist_t[idx].to(self.device), want, **kwargs)
         items, scores = res if isinstance(res, tuple) else (res, None)

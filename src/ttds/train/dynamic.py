@@ -65,6 +65,7 @@ class DynamicConfig:
     id_rows: bool = True  # ID embedding = P(codebook) + a free row (zero at start); false: P(codebook) only
     freeze_last_epochs: int = 0  # ETEGRec-style: no re-assignment, frozen tokenizers in the final epochs
     disambig_capacity: int = 64  # size of the disambiguation level (fixed token space)
+    behaviour_weight: float = 0.0  # >0: item tokenizer input at re-assignment = text X + w x mean LM state predicting the item
 
 
 @dataclass
@@ -100,7 +101,8 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
         tok = b.tokenizer
     x, _, _ = embed(backbone, tower_texts(ds, tower, icfg, backbone.tokenizer), icfg.cache_embeddings)
     word_std = float(backbone.hf_model.get_input_embeddings().weight.detach().std())
-    t = TowerTokenizer(tower, tok, x, backbone.hidden_size, icfg.collisions, dyn.disambig_capacity, word_std)
+    t = TowerTokenizer(tower, tok, x, backbone.hidden_size, icfg.collisions, dyn.disambig_capacity, word_std,
+                       behaviour=tower == "item" and dyn.behaviour_weight > 0)
     if icfg.collisions != "none":  # room for collisions to grow while codes move
         need = int(t.resolved_codes()[:, -1].max()) + 1
         t.disambig_size.fill_(max(t.capacity, 2 * need))
@@ -142,7 +144,8 @@ def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRec
         _, tok = load_index(out / f"tokenizer.{tower}")
         t = TowerTokenizer(tower, tok, torch.zeros_like(tensors[f"towers.{tower}.x"]), backbone.hidden_size,
                            icfg.collisions, int(tensors[f"towers.{tower}.disambig_size"]),
-                           text_head=f"towers.{tower}.text_head.weight" in tensors)
+                           text_head=f"towers.{tower}.text_head.weight" in tensors,
+                           behaviour=f"towers.{tower}.behaviour_sum" in tensors)
         towers[tower] = t
         indices[tower] = SemanticIndex(tensors[f"{tower}_codes"].numpy(), t.level_sizes,
                                        level_prefixes(tower, t.n_code_levels, t.collision != "none"), tower)
@@ -175,12 +178,19 @@ def _set_phase(model: TTDSRecommender, opt, body_trainable: bool, tokenizers_tra
 
 
 @torch.no_grad()
-def refresh_text(model: TTDSRecommender, texts: dict[str, list[str]]) -> None:
-    """X = f(C) with the current backbone (eval mode: no dropout), for every tower."""
+def refresh_text(model: TTDSRecommender, texts: dict[str, list[str]], behaviour_weight: float = 0.0) -> None:
+    """X = f(C) with the current backbone (eval mode: no dropout), for every tower; with behaviour sums, fused
+    with the LM states that predicted each entity (`TowerTokenizer.fuse_behaviour`, summed over ranks first)."""
     was = model.training
     model.eval()
     for tower, t in model.towers.items():
-        t.set_text(model.backbone.encode(texts[tower], progress=False))
+        x = model.backbone.encode(texts[tower], progress=False)
+        if t.has_behaviour:
+            if dist.active():
+                t.behaviour_sum.copy_(dist.all_reduce(t.behaviour_sum))
+                t.behaviour_count.copy_(dist.all_reduce(t.behaviour_count))
+            x = t.fuse_behaviour(x, behaviour_weight)
+        t.set_text(x)
     model.train(was)
 
 
@@ -204,7 +214,8 @@ def dm_vae_term(model: TTDSRecommender, lc: LossConfig, seed: int) -> tuple[torc
     return lc.alpha * total, parts
 
 
-def reassign(model: TTDSRecommender, texts: dict[str, list[str]] | None, margin: float = 0.0) -> dict:
+def reassign(model: TTDSRecommender, texts: dict[str, list[str]] | None, margin: float = 0.0,
+             behaviour_weight: float = 0.0) -> dict:
     """Re-encode X (optional), re-assign every code (sticky by `margin`), and make rank 0's indices every rank's.
 
     With re-encoded texts, `tokenizer_only` also says which share of IDs the trained tokenizers alone would have
@@ -214,7 +225,7 @@ def reassign(model: TTDSRecommender, texts: dict[str, list[str]] | None, margin:
     before = None
     if texts is not None:
         before = model.reassign(margin, apply=False)
-        refresh_text(model, texts)
+        refresh_text(model, texts, behaviour_weight)
     changed = model.reassign(margin)
     if before is not None:
         changed["tokenizer_only"] = {k: v for k, v in before.items() if k in ("item", "user")}
@@ -236,6 +247,11 @@ class DynamicTrainer(LMTrainer):
         self.lc = section(self.cfg, "loss", LossConfig)
         self.texts = texts
         self.warm = self.dyn.warmup_steps if self.dyn.enabled else 0
+        if self.dyn.behaviour_weight > 0:
+            if texts is None:
+                raise TTDSError("config dynamic.behaviour_weight > 0 needs dynamic.refresh_text: true (the fusion happens "
+                                "when X = f(C) is re-encoded)")
+            self.model.target_state_hook = self.model.record_target_states
 
     def frozen_index(self, epoch: int) -> bool:
         """True when the tokenizers are frozen and codes kept: a static index, or the final
@@ -272,7 +288,7 @@ class DynamicTrainer(LMTrainer):
     def do_reassign(self) -> None:
         s = self.state
         with self.full_params():
-            r = reassign(self.model, self.texts, self.dyn.reassign_margin)
+            r = reassign(self.model, self.texts, self.dyn.reassign_margin, self.dyn.behaviour_weight)
         self.data = self.new_task_data(self.data.buyers)
         s["reassign_seconds"] += r["seconds"]
         s["reassign"].append({"step": s["step"], **r})
