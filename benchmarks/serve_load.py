@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--new-items", type=int, default=0, help="POST this many new items at the end (generative models)")
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--quantize", default="none", help="the server's --quantize (none | int8)")
-    ap.add_argument("--keep-seen", action="store_true", help="serve with --keep-seen (a generative model then runs k beams, not k + history)")
+    ap.add_argument("--keep-seen", action="store_true", help="serve with --keep-seen (seen items may be recommended)")
     ap.add_argument("--no-precompute", action="store_true")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--note", default="", help="a line stored with the figures (what was served, what else ran)")
