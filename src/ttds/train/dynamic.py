@@ -185,10 +185,9 @@ def refresh_text(model: TTDSRecommender, texts: dict[str, list[str]], behaviour_
     model.eval()
     for tower, t in model.towers.items():
         x = model.backbone.encode(texts[tower], progress=False)
-        if t.has_behaviour:
-            if dist.active():
-                t.behaviour_sum.copy_(dist.all_reduce(t.behaviour_sum))
-                t.behaviour_count.copy_(dist.all_reduce(t.behaviour_count))
+        if t.has_behaviour:  # sums over ranks (dist.all_reduce returns the tensor itself on one process)
+            t.behaviour_sum.copy_(dist.all_reduce(t.behaviour_sum))
+            t.behaviour_count.copy_(dist.all_reduce(t.behaviour_count))
             x = t.fuse_behaviour(x, behaviour_weight)
         t.set_text(x)
     model.train(was)
