@@ -156,3 +156,62 @@ def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path):
         assert (out / f).exists(), f
     r = eval_model(out, "builtin:users=40,items=30,seed=2")
     assert r["metrics"]["NDCG@10"] == pytest.approx(metrics["test"]["NDCG@10"])
+    assert r["seen_items"] == "keep"
+    # `ttds eval --set eval.seen_items=auto`: the built-in data never repeats an item -> the model excludes history
+    r = eval_model(out, "builtin:users=40,items=30,seed=2", overrides=["eval.seen_items=auto"])
+    assert r["seen_items"] == "exclude" and (out / "eval-builtin-test-exclude_seen.json").is_file()
+
+
+def test_repeat_rate_counts_targets_within_the_history_window():
+    from ttds.data.dataset import repeat_rate
+
+    seqs = [np.array([1, 2, 1, 3]), np.array([4, 5, 6, 7, 4])]
+    # targets: 2, 1 (repeat, 2 back), 3 | 5, 6, 7, 4 (repeat, 4 back)
+    assert repeat_rate(seqs, 20) == pytest.approx(2 / 7)
+    assert repeat_rate(seqs, 3) == pytest.approx(1 / 7)  # 4 is 4 items back: outside a 3-item window
+    assert repeat_rate([np.array([1, 2, 3])], 20) == 0.0
+
+
+def test_seen_items_auto_rule_and_bad_value():
+    from ttds.data.dataset import RecDataset
+    from ttds.errors import TTDSError
+    from ttds.train.loop import resolve_seen_items
+
+    no_repeats = load_dataset("builtin:users=40,items=30,seed=2")
+    cfg = {"data": {"max_history": 20}, "eval": {"seen_items": "auto"}}
+    assert resolve_seen_items(cfg, no_repeats) == "exclude" and cfg["eval"]["seen_items"] == "exclude"
+    seqs = [np.array([0, 1, 0, 2, 3, 4]), np.array([1, 2, 3, 4, 0])]  # user 0 re-buys item 0 in training
+    repeats = RecDataset("r", seqs, {}, ["0", "1"], [str(i) for i in range(5)])
+    cfg = {"data": {"max_history": 20}, "eval": {"seen_items": "auto"}}
+    assert resolve_seen_items(cfg, repeats) == "keep"
+    assert resolve_seen_items({"data": {"max_history": 20}, "eval": {"seen_items": "keep"}}, no_repeats) == "keep"
+    with pytest.raises(TTDSError, match="eval.seen_items"):
+        resolve_seen_items({"data": {"max_history": 20}, "eval": {"seen_items": "never"}}, no_repeats)
+
+
+def test_exclude_seen_never_recommends_history_and_matches_mask_seen(bb_dir):
+    from ttds.data.dataset import EvalSet
+    from ttds.eval.evaluator import evaluate_ranks
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    ds = load_dataset("builtin:users=12,items=30,seed=3")
+    model = GenerativeRecommender(Backbone.load(BackboneConfig(name_or_path=str(bb_dir), causal=True)),
+                                  random_index(ds.n_items, 2, 6, "item", 0), None).eval()
+    model.beam = 10
+    rng = np.random.default_rng(0)
+    hist = np.stack([rng.choice(ds.n_items, 12, replace=False) for _ in range(12)])
+    users = torch.arange(12)
+    kept = model.recommend(users, torch.as_tensor(hist), k=10).numpy()
+    assert sum(np.isin(r, h).sum() for r, h in zip(kept, hist)) > 0  # without the rule history items come out
+    model.exclude_seen = True
+    top = model.recommend(users, torch.as_tensor(hist), k=10).numpy()
+    for r, h in zip(top, hist):
+        assert not np.isin(r, h).any() and (r >= 0).all() and len(set(r.tolist())) == 10
+    # the protocol's mask_seen on a list model gives the same ranks as the model's own rule
+    targets = np.array([np.setdiff1d(np.arange(ds.n_items), h)[0] for h in hist])
+    ev = EvalSet(users.numpy(), hist, targets)
+    own = evaluate_ranks(model, ev, k=10, progress=False)
+    model.exclude_seen = False
+    masked = evaluate_ranks(model, ev, k=10, mask_seen=True, progress=False)
+    assert (own == masked).all()

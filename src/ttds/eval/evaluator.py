@@ -42,9 +42,11 @@ def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10,
                 s = model.scores(users, hist)
                 out.append(ranks_from_scores(s, target, hist if mask_seen else None).cpu().numpy())
             else:
-                if mask_seen:
-                    raise ValueError("mask_seen is only supported for models that score all items")
-                lists = model.recommend(users, hist, k)
+                if mask_seen and not getattr(model, "accepts_exclude", False):
+                    raise ValueError(f"eval.mask_seen: {type(model).__name__} can neither score all items nor search around seen ones")
+                # seen items other than the target are searched around (as ranks_from_scores masks them)
+                excl = [[i for i in h.tolist() if i >= 0 and i != t] for h, t in zip(hist.cpu(), target.tolist())] if mask_seen else None
+                lists = model.recommend(users, hist, k, exclude=excl) if mask_seen else model.recommend(users, hist, k)
                 out.append(ranks_from_lists(lists, target, model.n_items))
     out = dist.gather_batches(out, -(-len(evalset) // batch_size))  # every rank gets all users, in order
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

@@ -156,9 +156,14 @@ class GenerativeRecommender(nn.Module):
                   return_scores: bool = False, exclude: list | None = None):
         """Ranked item ids [B, k] by trie-constrained beam search (-1 where fewer than k exist); with
         `return_scores` also their scores [B, k]: log P(item ID | prompt), the sum over the ID's tokens.
-        `exclude`: per user, item ids that must not come out (searched around, not filtered afterwards)."""
+        `exclude`: per user, item ids that must not come out (searched around, not filtered afterwards).
+        With `exclude_seen` (config `eval.seen_items`) the user's history items are excluded too."""
         from ttds.models.beam import beam_search_prompts
 
+        if self.exclude_seen:
+            hist = np.asarray(torch.as_tensor(history).cpu())
+            extra = exclude or [()] * len(hist)
+            exclude = [sorted(set(h[h >= 0].tolist()) | {int(i) for i in e}) for h, e in zip(hist, extra)]
         items, scores = beam_search_prompts(self, self.prompts(users, history, template, user_texts), self.trie, 0,
                                             beam=max(self.beam, k), k=k, batch=self.beam_batch, exclude=exclude)
         return (items, scores) if return_scores else items
@@ -167,6 +172,7 @@ class GenerativeRecommender(nn.Module):
 
     accepts_user_text = True  # recommend() takes user_texts (serving engine)
     accepts_exclude = True  # recommend() takes exclude: seen items are searched around, in one pass
+    exclude_seen = False  # the model's seen-item rule (config eval.seen_items): never recommend a history item
     item_coder = None  # ttds.serve.new_items.TextCoder: a new item's text -> vector -> base codes (set when served)
     user_coder = None  # the same for an anonymous user's text (None: no user ID for anonymous users)
 

@@ -48,14 +48,19 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
     ds = load_dataset(data, drop_short=drop_short)
     if ds.n_items != model.n_items:
         raise TTDSError(f"--data {data}: {ds.n_items} items, but the model in {model_dir} was trained on {model.n_items}")
+    if hasattr(model, "exclude_seen"):  # a generative model: `--set eval.seen_items=...` re-decides its seen-item rule
+        from ttds.train.loop import resolve_seen_items
+        model.exclude_seen = resolve_seen_items(cfg, ds) == "exclude"
     sp = leave_one_out(ds, int(cfg["data"]["max_history"]))
     ev = cfg.get("eval") or {}
     m = evaluate(model, getattr(sp, split), int(ev.get("batch_size", 1024)), tuple(ev.get("ks", (1, 5, 10))),
                  bool(ev.get("mask_seen", False)), device, desc=split)
     result = {"model": cfg.get("name"), "dataset": ds.name, "split": split, "mask_seen": bool(ev.get("mask_seen", False)),
+              "seen_items": ev.get("seen_items", "keep") if hasattr(model, "exclude_seen") else None,
               "metrics": m, "machine": machine_info()}
     if env_rank() == 0:  # under torchrun every rank holds the gathered metrics; one writes them
-        write_json(Path(model_dir) / f"eval-{ds.name}-{split}.json", result)
+        rule = "-exclude_seen" if getattr(model, "exclude_seen", False) else ""
+        write_json(Path(model_dir) / f"eval-{ds.name}-{split}{rule}.json", result)
     return result
 
 

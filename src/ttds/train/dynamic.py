@@ -43,11 +43,10 @@ from ttds.data.dataset import RecDataset
 from ttds.errors import TTDSError
 from ttds.io import load_safetensors, read_json
 from ttds.models.ttds import TowerTokenizer, TTDSRecommender
-from ttds.tasks import templates
 from ttds.tasks.builders import TaskConfig
 from ttds.train.engine import warmup_cosine
-from ttds.train.generative import RecIndexConfig, _backbone
-from ttds.train.loop import GenEvalConfig, GenTrainConfig, LMTrainer, load_weights, start
+from ttds.train.generative import RecIndexConfig, _backbone, configure_inference
+from ttds.train.loop import GenEvalConfig, GenTrainConfig, LMTrainer, load_weights, resolve_seen_items, start
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +111,8 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
 def _finish_model(cfg: dict, backbone, towers: dict[str, TowerTokenizer], indices: dict,
                   free_rows: bool) -> TTDSRecommender:
     tc = section(cfg, "tasks", TaskConfig)
-    ec = section(cfg, "eval", GenEvalConfig)
-    if not 0 <= ec.template < len(templates.SEQREC):
-        raise TTDSError(f"config eval.template={ec.template}: expected 0..{len(templates.SEQREC) - 1}")
     model = TTDSRecommender(backbone, indices["item"], indices.get("user"), towers, tc.max_text_tokens, free_rows)
-    model.beam, model.beam_batch, model.eval_template = ec.beam, ec.beam_batch, ec.template
-    return model
+    return configure_inference(model, section(cfg, "eval", GenEvalConfig))
 
 
 def build_model(cfg: dict, ds: RecDataset, backbone, out: Path) -> TTDSRecommender:
@@ -324,6 +319,7 @@ class DynamicTrainer(LMTrainer):
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     from ttds.index.build import index_config, tower_texts
 
+    resolve_seen_items(cfg, ds)
     out, device, split = start(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
     if split is None:
         return read_json(out / "metrics.json")

@@ -29,7 +29,7 @@ from ttds.io import load_safetensors, read_json
 from ttds.models.generative import GenerativeRecommender
 from ttds.tasks import templates
 from ttds.tasks.builders import TaskConfig
-from ttds.train.loop import GenEvalConfig, LMTrainer, load_weights, start
+from ttds.train.loop import GenEvalConfig, LMTrainer, load_weights, resolve_seen_items, start
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,17 @@ def _backbone(cfg: dict, device):
 def build_model(cfg: dict, backbone, items: SemanticIndex, users: SemanticIndex | None) -> GenerativeRecommender:
     tc = section(cfg, "tasks", TaskConfig)
     ec = section(cfg, "eval", GenEvalConfig)
-    model = GenerativeRecommender(backbone, items, users, max_text_tokens=tc.max_text_tokens)
-    model.beam, model.beam_batch = ec.beam, ec.beam_batch
-    model.eval_template = ec.template
+    return configure_inference(GenerativeRecommender(backbone, items, users, max_text_tokens=tc.max_text_tokens), ec)
+
+
+def configure_inference(model: GenerativeRecommender, ec: GenEvalConfig) -> GenerativeRecommender:
+    """The `eval` settings a generative model recommends with: beam, beam batch, template, seen-item rule."""
     if not 0 <= ec.template < len(templates.SEQREC):
         raise TTDSError(f"config eval.template={ec.template}: expected 0..{len(templates.SEQREC) - 1}")
+    if ec.seen_items not in ("keep", "exclude"):
+        raise TTDSError(f"config eval.seen_items={ec.seen_items!r}: expected keep or exclude (auto is resolved when training starts)")
+    model.beam, model.beam_batch, model.eval_template = ec.beam, ec.beam_batch, ec.template
+    model.exclude_seen = ec.seen_items == "exclude"
     return model
 
 
@@ -109,6 +115,7 @@ class GenerativeTrainer(LMTrainer):
 
 
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
+    resolve_seen_items(cfg, ds)
     out, device, split = start(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
     if split is None:
         return read_json(out / "metrics.json")

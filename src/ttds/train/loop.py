@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ttds import dist
 from ttds.config import section
-from ttds.data.dataset import EvalSet, RecDataset, Split, leave_one_out
+from ttds.data.dataset import EvalSet, RecDataset, Split, leave_one_out, repeat_rate
 from ttds.errors import TTDSError
 from ttds.eval.evaluator import evaluate
 from ttds.io import load_safetensors, read_json, save_safetensors, write_json
@@ -94,6 +94,28 @@ class GenEvalConfig:
     template: int = 0  # the fixed template of the reported numbers
     template_mean_users: int = 2000  # test users for the mean over all templates (0 = all, -1 = skip)
     final_valid: bool = True  # also evaluate the best model on every validation user at the end
+    # the model's own rule for the user's history items: keep (searched like any item) | exclude (searched around,
+    # never recommended) | auto (exclude iff no training target repeats an item of its history window: the
+    # maximum-likelihood seen-item bias is then -inf; resolved from the training data when training starts)
+    seen_items: str = "keep"
+
+
+SEEN_ITEMS = ("keep", "exclude", "auto")
+
+
+def resolve_seen_items(cfg: dict, ds: RecDataset) -> str:
+    """`eval.seen_items` as keep | exclude; `auto` is decided from the training part of `ds` and written back
+    into `cfg` (the run's config.yaml then records the decision, and `load()` needs no data)."""
+    mode = (cfg.get("eval") or {}).get("seen_items", "keep")
+    if mode not in SEEN_ITEMS:
+        raise TTDSError(f"config eval.seen_items={mode!r}: expected one of {', '.join(SEEN_ITEMS)}")
+    if mode == "auto":
+        H = int(cfg["data"]["max_history"])
+        rate = repeat_rate([s[:-2] for s in ds.sequences], H)
+        mode = "exclude" if rate == 0 else "keep"
+        log.info("eval.seen_items=auto: %.4f of training targets repeat an item of their %d-item history -> %s", rate, H, mode)
+        cfg.setdefault("eval", {})["seen_items"] = mode
+    return mode
 
 
 # ---------------------------------------------------------------- checkpoints
