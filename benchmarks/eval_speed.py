@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--baseline", help="also time this file's beam_search_prompts (an older beam.py)")
     ap.add_argument("--precompute", type=int, action="append", default=[], metavar="K",
                     help="also time `ttds precompute` of the first N users at k=K (repeatable)")
+    ap.add_argument("--int8", action="store_true", help="also time the model with dynamic int8 Linear layers (--quantize int8)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-minutes", type=float, default=15.0)
     ap.add_argument("--out", default=None, help="default benchmarks/results/eval_speed-<dataset>.json (+ .md)")
@@ -175,6 +176,21 @@ def main():
                          "beam_batch": model.beam_batch})
         finally:
             beam.beam_search_prompts = engine
+    if args.int8:  # the same model with `--quantize int8` (dynamic int8 Linear layers of the LM body)
+        import copy
+
+        from ttds.serve.engine import quantize_int8
+
+        q = copy.deepcopy(model)
+        quantize_int8(q)
+        rows.append({**time_eval(q, sub, f"int8 (dynamic), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
+        if args.model_dir:  # a trained model: how much int8 changes its lists and metrics on these users
+            from ttds.eval.evaluator import evaluate
+
+            a, b = model.recommend(sub.users, sub.history, 10), q.recommend(sub.users, sub.history, 10)
+            info["int8_top10_overlap"] = float(np.mean([len(set(x.tolist()) & set(y.tolist())) / 10 for x, y in zip(a, b)]))
+            info["int8_top1_same"] = float((a[:, 0] == b[:, 0]).float().mean())
+            info["ndcg10_fp32_int8"] = [evaluate(m, sub, progress=False)["NDCG@10"] for m in (model, q)]
     for k in args.precompute:
         rows.append({**time_precompute(model, ds, cfg, n, k), "beam_batch": model.beam_batch})
     for r in rows:
@@ -199,6 +215,9 @@ def main():
     lines += [f"| {r['variant']} | {r['users_per_s']:.2f} | {r['users_per_cpu_s']:.2f} | {r['achieved_flops_per_cpu_s'] / 1e9:.0f} | "
               f"{r['extrapolated_full_test_min']:.1f} | "
               f"{r['extrapolated_full_test_min_cpu']:.1f} | {r['load_1m']:.1f} |" for r in rows]
+    if "int8_top10_overlap" in info:
+        lines += ["", f"int8 vs fp32 on these users: top-10 overlap {info['int8_top10_overlap']:.3f}, same top-1 "
+                  f"{info['int8_top1_same']:.3f}, NDCG@10 {info['ndcg10_fp32_int8'][0]:.4f} (fp32) vs {info['ndcg10_fp32_int8'][1]:.4f} (int8)."]
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))

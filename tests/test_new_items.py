@@ -188,6 +188,8 @@ def test_int8_serving_option(run_dir, one_thread):
     eng = load_engine(run_dir, DATA, threads=1, quantize="int8")
     linears = [m for m in eng.model.backbone.body.modules() if isinstance(m, torch.nn.Linear) or "quantized" in type(m).__module__]
     assert linears and all("quantized" in type(m).__module__ for m in linears)  # every Linear swapped for an int8 one
+    qlin = [m for m in linears if type(m).__name__ == "Linear"]
+    assert qlin and all(m.weight().qscheme() == torch.per_channel_affine for m in qlin)  # one scale per output channel
     assert eng.model_version.endswith("+int8")
     recs = eng.recommend_histories([[1, 2, 3]], 5)[0]
     assert len(recs) == 5 and all(0 <= i < eng.n_items and s is not None for i, s in recs)

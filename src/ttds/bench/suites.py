@@ -40,6 +40,9 @@ SUITES: dict[str, list[Entry]] = {
         Entry("TT-DLSH", "tt_dlsh"),
         Entry("TT-SLSH", "tt_slsh"),
         Entry("TT-SR", "tt_sr"),
+        # not in the paper: the model's own seen-item rule (`eval.seen_items=auto`), like SASRec+seen
+        Entry("TTDS+seen", "ttds", ("eval.seen_items=auto",)),
+        Entry("TTSS+seen", "ttss", ("eval.seen_items=auto",)),
     ],
 }
 

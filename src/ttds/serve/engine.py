@@ -221,19 +221,21 @@ def quantize_int8(model) -> None:
     """Dynamic int8 quantisation (CPU) of the Linear layers of a generative model's transformer body:
     int8 weights, activations quantised per call. At batch 1 a beam-search step is bound by streaming the
     fp32 weights (MiniLM: 44 MB per forward, 5 forwards per request), which int8 cuts 4x. The ID head
-    stays fp32. It changes the rankings (measured in the README): opt-in. Uses torch.ao's eager-mode
-    `quantize_dynamic` (deprecated upstream in favour of torchao, still in torch 2.13)."""
+    stays fp32. Weights are quantised per output channel: on a trained Scientific TTSS the top-10 lists kept
+    0.83 of their items (0.69 with one scale per tensor) at the same speed. It still changes the rankings
+    (measured in the README): opt-in. Uses torch.ao's eager-mode `quantize_dynamic` (deprecated upstream in
+    favour of torchao, still in torch 2.13)."""
     import warnings
 
     import torch
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     backbone = getattr(model, "backbone", None)
     if backbone is None:
         raise TTDSError(f"--quantize int8: model {type(model).__name__} has no LM backbone (only generative models)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_dynamic(backbone.body, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(backbone.body, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_history: bool = True, threads: int = 0,

@@ -111,6 +111,8 @@ def register(app: typer.Typer) -> None:
         r = eval_model(model_dir, data, split, drop_short, set_)
         if env_rank() == 0:
             typer.echo(format_metrics({f"{r['model']} {split}": r["metrics"]}))
+            if r.get("seen_items") == "exclude":
+                typer.echo("(the model's own rule eval.seen_items=exclude: it never recommends a history item)")
             typer.echo(f"{r['metrics']['n']} users, {r['metrics']['eval_seconds']} s")
 
     @app.command("bench")
