@@ -93,3 +93,26 @@ def test_lists_and_scores_agree():
     t = torch.randint(0, 30, (20,), generator=g)
     top = s.argsort(1, descending=True)
     assert ranks_from_lists(top, t, 30).tolist() == ranks_from_scores(s, t).tolist()
+
+
+def test_seen_at_1_counts_users_whose_top_item_is_in_their_history():
+    from ttds.data.dataset import EvalSet
+    from ttds.eval.evaluator import evaluate
+
+    class Fixed:  # scores: item 0 best for every user
+        n_items = 5
+
+        def scores(self, users, history):
+            return torch.tensor([[5.0, 4, 3, 2, 1]]).repeat(len(users), 1)
+
+    class Lists:
+        n_items = 5
+
+        def recommend(self, users, history, k):
+            return torch.tensor([[3, 0], [2, 4], [-1, -1]])
+
+    hist = np.array([[-1, 0], [2, 1], [-1, -1]])  # user 0 has item 0, user 1 has items 2 and 1, user 2 nothing
+    ev = EvalSet(np.arange(3), hist, np.array([1, 3, 2]))
+    assert evaluate(Fixed(), ev, progress=False)["seen@1"] == pytest.approx(1 / 3)
+    assert evaluate(Lists(), ev, progress=False)["seen@1"] == pytest.approx(1 / 3)  # tops 3, 2 (seen), none
+    assert "seen@1" not in evaluate(Fixed(), ev, mask_seen=True, progress=False)

@@ -23,13 +23,16 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10, mask_seen: bool = False,
-                   device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval") -> np.ndarray:
-    """0-based rank of every target (pessimistic ties; MISS when a list does not contain it)."""
+                   device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval",
+                   return_seen_top1: bool = False):
+    """0-based rank of every target (pessimistic ties; MISS when a list does not contain it). With
+    `return_seen_top1` also, per user, 1 when the model's first recommendation is an item of the history
+    (without `mask_seen`: its unmasked scores' top item)."""
     if not (has_scores(model) or has_recommend(model)):
         raise TypeError(f"{type(model).__name__} has neither scores() nor recommend()")
     if isinstance(model, torch.nn.Module):
         model.eval()
-    out = []
+    out, seen1 = [], []
     starts = dist.shard_starts(len(evalset), batch_size)  # under torchrun: this rank's batches
     bar = tqdm(starts, desc=desc, leave=False, disable=not progress or not dist.is_main(), unit="batch")
     with torch.no_grad():
@@ -41,6 +44,7 @@ def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10,
             if has_scores(model):
                 s = model.scores(users, hist)
                 out.append(ranks_from_scores(s, target, hist if mask_seen else None).cpu().numpy())
+                top1 = s.argmax(1)
             else:
                 if mask_seen and not getattr(model, "accepts_exclude", False):
                     raise ValueError(f"eval.mask_seen: {type(model).__name__} can neither score all items nor search around seen ones")
@@ -48,23 +52,33 @@ def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10,
                 excl = [[i for i in h.tolist() if i >= 0 and i != t] for h, t in zip(hist.cpu(), target.tolist())] if mask_seen else None
                 lists = model.recommend(users, hist, k, exclude=excl) if mask_seen else model.recommend(users, hist, k)
                 out.append(ranks_from_lists(lists, target, model.n_items))
-    out = dist.gather_batches(out, -(-len(evalset) // batch_size))  # every rank gets all users, in order
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+                top1 = torch.as_tensor(np.asarray(lists))[:, 0].to(hist.device)
+            if return_seen_top1:
+                seen1.append(((hist == top1.unsqueeze(1)).any(1) & (top1 >= 0)).long().cpu().numpy())
+    n_batches = -(-len(evalset) // batch_size)
+    out = dist.gather_batches(out, n_batches)  # every rank gets all users, in order
+    ranks = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    if not return_seen_top1:
+        return ranks
+    seen1 = dist.gather_batches(seen1, n_batches)
+    return ranks, (np.concatenate(seen1) if seen1 else np.zeros(0, dtype=np.int64))
 
 
 def evaluate(model, evalset: EvalSet, batch_size: int = 1024, ks=(1, 5, 10), mask_seen: bool = False,
              device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval") -> dict:
     """Metrics over `evalset` plus `n` (users), `eval_seconds` (wall) and `eval_cpu_seconds` (this process)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    ranks = evaluate_ranks(model, evalset, batch_size, max(ks), mask_seen, device, progress, desc)
+    ranks, seen1 = evaluate_ranks(model, evalset, batch_size, max(ks), mask_seen, device, progress, desc, return_seen_top1=True)
     out = metrics_from_ranks(ranks, ks)
+    if not mask_seen:  # share of users whose first recommendation is an item they already have
+        out["seen@1"] = float(seen1.mean()) if len(seen1) else 0.0
     out["n"] = int(len(ranks))
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
     out["eval_cpu_seconds"] = round(time.process_time() - c0, 2)
     return out
 
 
-METRIC_ORDER = ("HR@1", "HR@5", "HR@10", "NDCG@1", "NDCG@5", "NDCG@10", "MRR")
+METRIC_ORDER = ("HR@1", "HR@5", "HR@10", "NDCG@1", "NDCG@5", "NDCG@10", "MRR", "seen@1")
 
 
 def format_metrics(rows: dict[str, dict], digits: int = 4) -> str:
@@ -76,7 +90,8 @@ def format_metrics(rows: dict[str, dict], digits: int = 4) -> str:
     for name, r in rows.items():
         cells = [f"{r[c]:>8.{digits}f}" if isinstance(r.get(c), (int, float)) else f"{'-':>8}" for c in cols]
         lines.append(f"{name:{width}}  " + "  ".join(cells))
-    return "\n".join(lines) + "\n(full ranking over all items, leave-one-out, seen items not masked)"
+    note = "; seen@1 = share of users whose top item is one they already have" if "seen@1" in cols else ""
+    return "\n".join(lines) + f"\n(full ranking over all items, leave-one-out, seen items not masked{note})"
 
 
 def save_metrics(path: str | Path, metrics: dict, **extra) -> None:
