@@ -38,7 +38,7 @@ def replay(tok0, x, steps: int, warm: int, warm_lr: float, lr: float, batch: int
 def main() -> None:
     from ttds.config import section
     from ttds.data.readers import load_dataset
-    from ttds.index.build import embed, index_config, load_index, tower_texts
+    from ttds.index.build import index_config, load_index, tower_vectors
     from ttds.recipes import run_config
     from ttds.train.dynamic import DynamicConfig, LossConfig
     from ttds.train.generative import _backbone
@@ -56,7 +56,7 @@ def main() -> None:
     dyn, lc = section(cfg, "dynamic", DynamicConfig), section(cfg, "loss", LossConfig)
     backbone = _backbone(cfg, "cpu")
     icfg = index_config(cfg)
-    x, _, _ = embed(backbone, tower_texts(load_dataset(a.data), a.tower, icfg, backbone.tokenizer), icfg.cache_embeddings)
+    x, _, _ = tower_vectors(load_dataset(a.data), a.tower, icfg, backbone)
     _, tok0 = load_index(a.run / f"tokenizer.{a.tower}")
     old = tok0.encode(x)
     z0 = tok0.embed(x).detach()

@@ -345,3 +345,25 @@ def test_behaviour_fusion_runs_and_resumes_exactly(bb_dir, tmp_path):
     assert torch.allclose(xb["model.towers.item.behaviour_sum"], xc["model.towers.item.behaviour_sum"], atol=1e-4)
     with pytest.raises(Exception, match="refresh_text"):
         dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=1", "dynamic.refresh_text=false", *extra]), small, tmp_path / "d")
+
+
+def test_users_made_from_items_follow_the_items_refreshed_vectors(bb_dir, ds, tmp_path):
+    """Without user text, the user tower's X is the mean of the user's training items' X (`index.user_vectors: auto`),
+    at the start and after every re-encoding with the fine-tuned backbone: the user texts are never encoded."""
+    from dataclasses import replace
+
+    from ttds.index.build import index_config, items_to_users, tower_inputs
+
+    plain = replace(ds, user_text=None)
+    model, cfg = _model(bb_dir, plain, tmp_path)
+    w = items_to_users(plain)
+    assert torch.allclose(model.towers["user"].x, torch.sparse.mm(w, model.towers["item"].x), atol=1e-5)
+    texts = {t: tower_inputs(plain, t, index_config(cfg), model.backbone.tokenizer) for t in model.towers}
+    assert isinstance(texts["user"], torch.Tensor) and isinstance(texts["item"], list)
+    with torch.no_grad():  # the backbone moves (as in joint training): every X moves with it
+        for p in model.backbone.hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = model.towers["user"].x.clone()
+    dynamic.refresh_text(model, texts)
+    assert not torch.allclose(model.towers["user"].x, before, atol=1e-4)
+    assert torch.allclose(model.towers["user"].x, torch.sparse.mm(w, model.towers["item"].x), atol=1e-5)

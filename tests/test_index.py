@@ -6,7 +6,8 @@ import torch
 from ttds.errors import TTDSError
 from ttds.index import collisions
 from ttds.index.base import SemanticIndex
-from ttds.index.build import IndexConfig, build, build_index, load_index, save_build, tower_texts
+from ttds.index.build import (IndexConfig, build, build_index, items_to_users, load_index, save_build, tower_texts,
+                              tower_vectors, user_vector_source)
 from ttds.index.quality import entity_texts, semantic_check
 from ttds.index.rqvae import RQVAE, RQVAEConfig
 
@@ -118,6 +119,39 @@ def test_user_tower_and_recipe_entry_point(env, tmp_path):
         build_index({"index": {"options": {"levles": 3}}}, ds, bb, "item")
     with pytest.raises(TTDSError, match="index.kind"):
         IndexConfig(kind="kmeans")
+
+
+def test_user_vectors_from_items(env):
+    """Without user text (`auto`), a user's vector is the mean of the item vectors of the user's training items
+    (never the valid/test items), and no user text is encoded; with user text, `auto` encodes it."""
+    from dataclasses import replace
+
+    ds, bb = env
+    plain = replace(ds, user_text=None)
+    assert user_vector_source(ds, cfg()) == "text" and user_vector_source(plain, cfg()) == "items"
+    assert user_vector_source(ds, cfg(user_vectors="items")) == "items"
+    w = items_to_users(plain).to_dense()
+    for u in (0, 7, 199):
+        seq = plain.sequences[u]
+        train_items = [int(i) for i in seq[:-2][-20:]]
+        expect = torch.zeros(plain.n_items)
+        for i in train_items:
+            expect[i] += 1 / len(train_items)
+        assert torch.allclose(w[u], expect)
+    item_x, _, _ = tower_vectors(plain, "item", cfg(), bb)
+    calls = []
+    encode = bb.encode
+    bb.encode = lambda texts, **kw: calls.append(len(texts)) or encode(texts, **kw)
+    try:
+        user_x, _, _ = tower_vectors(plain, "user", cfg(cache_embeddings=False), bb)
+    finally:
+        bb.encode = encode
+    assert calls == [plain.n_items]  # the items' texts only (cache off): no user text is encoded
+    assert torch.allclose(user_x, w @ item_x, atol=1e-6)
+    b = build(plain, "user", bb, cfg(kind="lsh"))
+    assert b.stats["user_vectors"] == "items" and b.index.n == plain.n_users and b.index.is_unique()
+    with pytest.raises(TTDSError, match="index.user_vectors"):
+        IndexConfig(user_vectors="profile")
 
 
 def test_given_index(env):

@@ -82,7 +82,7 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
     X = f(C) from the run's backbone (the builder's embedding cache makes the second encode free)."""
     from dataclasses import replace
 
-    from ttds.index.build import build, embed, index_config, load_index, save_build, tower_texts
+    from ttds.index.build import build, index_config, load_index, save_build, tower_vectors
 
     if kind not in ("rqvae", "lsh"):
         raise TTDSError(f"config index.source/user_source={kind!r}: the dynamic recipe needs rqvae or lsh "
@@ -98,7 +98,7 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
         b = build(ds, tower, backbone, icfg)
         save_build(b, folder)
         tok = b.tokenizer
-    x, _, _ = embed(backbone, tower_texts(ds, tower, icfg, backbone.tokenizer), icfg.cache_embeddings)
+    x, _, _ = tower_vectors(ds, tower, icfg, backbone)
     word_std = float(backbone.hf_model.get_input_embeddings().weight.detach().std())
     t = TowerTokenizer(tower, tok, x, backbone.hidden_size, icfg.collisions, dyn.disambig_capacity, word_std,
                        behaviour=tower == "item" and dyn.behaviour_weight > 0)
@@ -173,13 +173,18 @@ def _set_phase(model: TTDSRecommender, opt, body_trainable: bool, tokenizers_tra
 
 
 @torch.no_grad()
-def refresh_text(model: TTDSRecommender, texts: dict[str, list[str]], behaviour_weight: float = 0.0) -> None:
-    """X = f(C) with the current backbone (eval mode: no dropout), for every tower; with behaviour sums, fused
-    with the LM states that predicted each entity (`TowerTokenizer.fuse_behaviour`, summed over ranks first)."""
+def refresh_text(model: TTDSRecommender, texts: dict[str, list[str] | torch.Tensor], behaviour_weight: float = 0.0) -> None:
+    """X = f(C) with the current backbone (eval mode: no dropout), for every tower (users made from items average
+    the items' new X: `ttds.index.build.tower_inputs`); with behaviour sums, fused with the LM states that predicted
+    each entity (`TowerTokenizer.fuse_behaviour`, summed over ranks first)."""
+    from ttds.index.build import vectors
+
     was = model.training
     model.eval()
-    for tower, t in model.towers.items():
-        x = model.backbone.encode(texts[tower], progress=False)
+    text_x = {}
+    for tower in sorted(model.towers, key=("item", "user").index):  # items first: users may be made from them
+        t = model.towers[tower]
+        x = text_x[tower] = vectors(texts[tower], lambda s: model.backbone.encode(s, progress=False), text_x.get("item"))
         if t.has_behaviour:  # sums over ranks (dist.all_reduce returns the tensor itself on one process)
             t.behaviour_sum.copy_(dist.all_reduce(t.behaviour_sum))
             t.behaviour_count.copy_(dist.all_reduce(t.behaviour_count))
@@ -208,7 +213,7 @@ def dm_vae_term(model: TTDSRecommender, lc: LossConfig, seed: int) -> tuple[torc
     return lc.alpha * total, parts
 
 
-def reassign(model: TTDSRecommender, texts: dict[str, list[str]] | None, margin: float = 0.0,
+def reassign(model: TTDSRecommender, texts: dict[str, list[str] | torch.Tensor] | None, margin: float = 0.0,
              behaviour_weight: float = 0.0) -> dict:
     """Re-encode X (optional), re-assign every code (sticky by `margin`), and make rank 0's indices every rank's.
 
@@ -235,7 +240,7 @@ class DynamicTrainer(LMTrainer):
     """The shared loop plus the TTDS schedule: tokenizer warm-up with the backbone frozen, the DM-VAE loss,
     code re-assignment every `dynamic.reassign_every` epochs (or `reassign_steps` steps), a late index freeze."""
 
-    def __init__(self, *args, texts: dict[str, list[str]] | None = None):
+    def __init__(self, *args, texts: dict[str, list[str] | torch.Tensor] | None = None):
         super().__init__(*args)
         self.dyn = section(self.cfg, "dynamic", DynamicConfig)
         self.lc = section(self.cfg, "loss", LossConfig)
@@ -317,7 +322,7 @@ class DynamicTrainer(LMTrainer):
 
 
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
-    from ttds.index.build import index_config, tower_texts
+    from ttds.index.build import index_config, tower_inputs
 
     resolve_seen_items(cfg, ds)
     out, device, split = start(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
@@ -337,7 +342,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     if dist.is_main():
         backbone.tokenizer.save_pretrained(str(out / "tokenizer"))
     icfg = index_config(cfg)
-    texts = {t: tower_texts(ds, t, icfg, backbone.tokenizer) for t in model.towers} if dyn.refresh_text else None
+    texts = {t: tower_inputs(ds, t, icfg, backbone.tokenizer) for t in model.towers} if dyn.refresh_text else None
     log.info("dynamic (%s) on %s: item IDs %s, user IDs %s, %d warm-up steps, alpha %.3g beta %.3g",
              "joint" if dyn.enabled else "static", ds.name, model.item_index.level_sizes,
              model.user_index.level_sizes if model.user_index is not None else "off", dyn.warmup_steps if dyn.enabled else 0,
