@@ -54,6 +54,25 @@ def test_rqvae_loss_decreases_and_exposes_levels(env):
     assert torch.allclose(q.residuals[1], q.residuals[0] - q.vectors[0], atol=1e-5)
 
 
+def test_rqvae_step_budget_is_whole_epochs_and_reproducible():
+    """`max_steps` (the default budget, not wall-clock time) stops after the epoch that reaches it: 100 rows at
+    batch 32 are 4 steps per epoch, so 10 steps -> 3 epochs; two fits give the same codes."""
+    x = torch.randn(100, 24, generator=torch.Generator().manual_seed(0))
+    cfg = RQVAEConfig(levels=2, codebook_size=8, code_dim=8, hidden=[16], batch_size=32, epochs=50, max_steps=10,
+                      kmeans_iters=5)
+    assert RQVAEConfig().max_minutes == 0 and RQVAEConfig().max_steps > 0
+    fits = []
+    for _ in range(2):
+        m = RQVAE(24, cfg)
+        m.fit(x, progress=False)
+        fits.append(m.encode(x))
+    assert m.history["epochs"] == 3 and len(m.history["loss"]) == 3
+    assert torch.equal(fits[0], fits[1])
+    m = RQVAE(24, RQVAEConfig(**{**cfg.__dict__, "max_steps": 0, "epochs": 5}))
+    m.fit(x, progress=False)
+    assert m.history["epochs"] == 5
+
+
 @pytest.mark.parametrize("strategy", ["ttds", "lcrec"])
 def test_collision_handling_makes_ids_unique(env, strategy):
     ds, bb = env

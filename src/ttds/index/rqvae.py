@@ -42,10 +42,11 @@ class RQVAEConfig:
     kmeans_sample: int = 8192  # items used for the k-means initialisation
     dead_code_reseed: bool = True  # re-seed codes unused during an epoch
     epochs: int = 300
+    max_steps: int = 3000  # optimizer-step budget, in whole epochs (0 = none): the same fit on any machine
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    max_minutes: float = 5.0  # wall-clock budget for training (0 = none)
+    max_minutes: float = 0.0  # optional wall-clock cap (0 = none); a fit it stops depends on the machine's speed
     seed: int = 0
 
     def __post_init__(self):
@@ -246,7 +247,10 @@ def train_rqvae(model: RQVAE, x: torch.Tensor, cfg: RQVAEConfig | None = None, p
         model.kmeans_init(x, g)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = {"loss": [], "recon": [], "quant": [], "reseeded": 0, "epochs": 0}
-    bar = tqdm(range(cfg.epochs), desc="rq-vae", disable=not progress, unit="epoch")
+    epochs = cfg.epochs
+    if cfg.max_steps:  # whole epochs: the last one is never cut short
+        epochs = max(1, min(epochs, math.ceil(cfg.max_steps / math.ceil(len(x) / cfg.batch_size))))
+    bar = tqdm(range(epochs), desc="rq-vae", disable=not progress, unit="epoch")
     model.train()
     for epoch in bar:
         perm = torch.randperm(len(x), generator=g)
@@ -265,11 +269,12 @@ def train_rqvae(model: RQVAE, x: torch.Tensor, cfg: RQVAEConfig | None = None, p
         history["recon"].append(rec / len(x))
         history["quant"].append(qua / len(x))
         history["epochs"] = epoch + 1
-        if cfg.dead_code_reseed and epoch < cfg.epochs - 1:
+        if cfg.dead_code_reseed and epoch < epochs - 1:
             history["reseeded"] += model.reseed_dead(usage, out.quant.residuals, g)  # from the last batch
         bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", recon=f"{history['recon'][-1]:.4f}")
         if cfg.max_minutes and time.perf_counter() - start > 60 * cfg.max_minutes:
-            log.info("rq-vae: stopping after %d epochs (max_minutes=%s)", epoch + 1, cfg.max_minutes)
+            log.warning("rq-vae: stopping after %d of %d epochs (max_minutes=%s): this fit depends on the machine's "
+                        "speed", epoch + 1, epochs, cfg.max_minutes)
             break
     model.eval()
     history["seconds"] = time.perf_counter() - start
