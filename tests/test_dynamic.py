@@ -9,6 +9,7 @@ import torch
 from _generative_fixtures import tiny_backbone_dir
 from ttds.config import load_config
 from ttds.data.readers import load_dataset
+from ttds.errors import TTDSError
 from ttds.io import load_safetensors
 from ttds.tasks import templates
 from ttds.tasks.builders import TaskConfig, TaskData, build_epoch
@@ -367,3 +368,8 @@ def test_users_made_from_items_follow_the_items_refreshed_vectors(bb_dir, ds, tm
     dynamic.refresh_text(model, texts)
     assert not torch.allclose(model.towers["user"].x, before, atol=1e-4)
     assert torch.allclose(model.towers["user"].x, torch.sparse.mm(w, model.towers["item"].x), atol=1e-5)
+    # a user tokenizer fitted on text (the built-in data has reviews) is not silently fed item means
+    _model(bb_dir, ds, tmp_path / "text")
+    with pytest.raises(TTDSError, match="user_vectors=text"):
+        _model(bb_dir, plain, tmp_path / "text")
+    _model(bb_dir, plain, tmp_path / "text", extra=["index.options.user_vectors=text"])

@@ -146,6 +146,17 @@ def vectors(inputs: list[str] | torch.Tensor, encode, item_x=None) -> torch.Tens
     return encode(inputs)
 
 
+def check_user_fit(folder: Path, ds: RecDataset, cfg: IndexConfig) -> None:
+    """A saved user tokenizer must be used on the kind of vectors it was fitted on (folders written before
+    `user_vectors` existed were fitted on text)."""
+    conf = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    fitted, now = conf.get("user_vectors", "text"), user_vector_source(ds, cfg)
+    if fitted != now:
+        raise TTDSError(f"{folder}: this user tokenizer was fitted on user vectors from {fitted}, config "
+                        f"index.options.user_vectors gives {now} on {ds.name}; set index.options.user_vectors={fitted} "
+                        "to use it, or remove the folder to fit a new one")
+
+
 def tower_vectors(ds: RecDataset, tower: str, cfg: IndexConfig, backbone) -> tuple[torch.Tensor, float, bool]:
     """A tower's X [n, d] with `embed`'s (x, seconds, from_cache)."""
     inputs = tower_inputs(ds, tower, cfg, backbone.tokenizer)
@@ -245,6 +256,8 @@ def build(ds: RecDataset, tower: str, backbone, cfg: IndexConfig, progress: bool
                      reseeded_codes=h["reseeded"])
     config = {"kind": cfg.kind, "tower": tower, "in_dim": int(x.shape[1]), "index": asdict(cfg),
               "backbone": getattr(getattr(backbone, "cfg", None), "name_or_path", None), "dataset": ds.name, "n": n}
+    if "user_vectors" in stats:
+        config["user_vectors"] = stats["user_vectors"]
     return IndexBuild(idx, tok, raw, config, stats)
 
 

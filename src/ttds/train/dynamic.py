@@ -82,7 +82,7 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
     X = f(C) from the run's backbone (the builder's embedding cache makes the second encode free)."""
     from dataclasses import replace
 
-    from ttds.index.build import build, index_config, load_index, save_build, tower_vectors
+    from ttds.index.build import build, check_user_fit, index_config, load_index, save_build, tower_vectors
 
     if kind not in ("rqvae", "lsh"):
         raise TTDSError(f"config index.source/user_source={kind!r}: the dynamic recipe needs rqvae or lsh "
@@ -93,6 +93,8 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
                         "backbone being fine-tuned)")
     folder = out / f"tokenizer.{tower}"
     if (folder / "index.json").is_file():
+        if tower == "user":
+            check_user_fit(folder, ds, icfg)
         _, tok = load_index(folder)
     else:
         b = build(ds, tower, backbone, icfg)
@@ -322,7 +324,7 @@ class DynamicTrainer(LMTrainer):
 
 
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
-    from ttds.index.build import index_config, tower_inputs
+    from ttds.index.build import check_user_fit, index_config, tower_inputs
 
     resolve_seen_items(cfg, ds)
     out, device, split = start(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
@@ -342,6 +344,8 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     if dist.is_main():
         backbone.tokenizer.save_pretrained(str(out / "tokenizer"))
     icfg = index_config(cfg)
+    if "user" in model.towers:  # a resumed run re-encodes its users as its tokenizer was fitted
+        check_user_fit(out / "tokenizer.user", ds, icfg)
     texts = {t: tower_inputs(ds, t, icfg, backbone.tokenizer) for t in model.towers} if dyn.refresh_text else None
     log.info("dynamic (%s) on %s: item IDs %s, user IDs %s, %d warm-up steps, alpha %.3g beta %.3g",
              "joint" if dyn.enabled else "static", ds.name, model.item_index.level_sizes,
