@@ -333,7 +333,10 @@ class LMTrainer:
         self.total_steps = max(1, min(tc.epochs * per_epoch, tc.max_steps) if tc.max_steps else tc.epochs * per_epoch)
         # the epochs this run will reach: `train.max_steps` may end it first (what "the final epochs" count from)
         self.last_epoch = min(tc.epochs, math.ceil(tc.max_steps / per_epoch)) if tc.max_steps else tc.epochs
-        self.peak = dense_peak_flops()
+        # MFU on CPU: FLOP per CPU-second of this process against the matmul's (robust to a shared machine);
+        # elsewhere per wall second
+        self.clock = time.process_time if torch.device(self.device).type == "cpu" else time.perf_counter
+        self.peak = dense_peak_flops(clock=self.clock)
         self.flops_tok = None
         self.epoch_time = (0.0, 0.0)  # (wall, CPU) seconds of the current epoch's steps in this process
         self.budget = tc.max_minutes * 60 if tc.max_minutes else math.inf
@@ -412,9 +415,10 @@ class LMTrainer:
         s, tc = self.state, self.tc
         model = self.model
         log.info("%s on %s: %d items (ID levels %s), users %s, %.1fM trainable params, %d steps planned, %d process(es), "
-                 "dense matmul peak %.1f GFLOP/s", type(self).__name__, self.ds.name, model.item_index.n, model.item_index.level_sizes,
+                 "dense matmul peak %.1f GFLOP per %s", type(self).__name__, self.ds.name, model.item_index.n, model.item_index.level_sizes,
                  model.user_index.level_sizes if model.user_index is not None else "off",
-                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, self.total_steps, dist.world(), self.peak / 1e9)
+                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, self.total_steps, dist.world(), self.peak / 1e9,
+                 "CPU-second" if self.clock is time.process_time else "second")
         while not s["done"]:
             epoch = s["epoch"]
             if epoch >= tc.epochs:
@@ -430,7 +434,7 @@ class LMTrainer:
             model.train()
             bar = tqdm(total=steps_in_epoch, initial=s["step_in_epoch"], desc=f"epoch {epoch + 1}", unit="step", leave=False,
                        disable=not dist.is_main())
-            win = {"t": time.perf_counter(), "tok": 0, "loss": 0.0, "n": 0, "parts": {}}
+            win = {"t": time.perf_counter(), "c": self.clock(), "tok": 0, "loss": 0.0, "n": 0, "parts": {}}
             while s["step_in_epoch"] < steps_in_epoch and not s["done"]:
                 loss, tokens, parts, mult = self.step(examples, batches)
                 win["tok"], win["loss"], win["n"] = win["tok"] + tokens, win["loss"] + loss, win["n"] + 1
@@ -439,7 +443,7 @@ class LMTrainer:
                 bar.update(1)
                 if win["n"] >= tc.log_steps or s["step_in_epoch"] == steps_in_epoch:
                     el = time.perf_counter() - win["t"]
-                    mfu = self.flops_tok * win["tok"] / el / self.peak
+                    mfu = self.flops_tok * win["tok"] / max(self.clock() - win["c"], 1e-9) / self.peak
                     extra = {k: v / win["n"] for k, v in win["parts"].items()}
                     bar.set_postfix(loss=f"{win['loss'] / win['n']:.4f}", **{k: f"{v:.3f}" for k, v in extra.items()},
                                     tok_s=f"{win['tok'] / el:.0f}", mfu=f"{mfu:.0%}")
@@ -447,7 +451,7 @@ class LMTrainer:
                              win["loss"] / win["n"], "".join(f", {k} {v:.4f}" for k, v in extra.items()), win["tok"] / el,
                              100 * mfu, mult)
                     s.setdefault("mfu", []).append(round(mfu, 4))
-                    win = {"t": time.perf_counter(), "tok": 0, "loss": 0.0, "n": 0, "parts": {}}
+                    win = {"t": time.perf_counter(), "c": self.clock(), "tok": 0, "loss": 0.0, "n": 0, "parts": {}}
                 if tc.max_steps and s["step"] >= tc.max_steps:
                     s["done"], s["stopped"] = True, "max_steps"
                 if self.budget < math.inf and dist.any_rank(s["train_seconds"] >= self.budget):
