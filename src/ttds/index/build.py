@@ -5,9 +5,10 @@
 
 A user's vector is the embedding of the user's own text (reviews/queries) when the dataset has user text;
 otherwise (`user_vectors: auto`) the mean of the vectors of the user's training items. That profile holds
-the same information as encoding the titles of those items as one text, costs no encoding at all (on Games:
-50,546 profiles of up to 128 tokens, about 1.5 CPU-hours with MiniLM), and follows the items' vectors for
-free when the dynamic recipe re-encodes them.
+much of what encoding those items' titles as one text holds (on Scientific the two user indices are within 3 %
+of each other: benchmarks/results/user_vectors-Scientific.md), costs no encoding at all (the 50,546 Games
+profiles take about 26 minutes on one core with MiniLM), and follows the items' vectors for free when the
+dynamic recipe re-encodes them.
 
 `kind: given` uses the LC-Rec `NAME.index.json` shipped with a dataset (`RecDataset.index`).
 The two towers are two independent builds: separate parameters, separate token namespaces
@@ -246,8 +247,8 @@ def build(ds: RecDataset, tower: str, backbone, cfg: IndexConfig, progress: bool
     extra: dict = {}
     idx = index_from_codes(raw, tok.level_sizes, tower, cfg.collisions, dist, extra)
     stats = collisions.code_report(raw, idx.codes, tok.level_sizes) | extra
-    if tower == "user" and backbone is not None:
-        stats["user_vectors"] = user_vector_source(ds, cfg)
+    fitted_on = {"user_vectors": user_vector_source(ds, cfg)} if tower == "user" and backbone is not None else {}
+    stats.update(fitted_on)
     stats.update(kind=cfg.kind, tower=tower, collisions=cfg.collisions, encode_seconds=encode_s, embeddings_cached=cached,
                  fit_seconds=fit_s, total_seconds=time.perf_counter() - start, dim=int(x.shape[1]))
     if isinstance(tok, RQVAE):
@@ -256,8 +257,7 @@ def build(ds: RecDataset, tower: str, backbone, cfg: IndexConfig, progress: bool
                      reseeded_codes=h["reseeded"])
     config = {"kind": cfg.kind, "tower": tower, "in_dim": int(x.shape[1]), "index": asdict(cfg),
               "backbone": getattr(getattr(backbone, "cfg", None), "name_or_path", None), "dataset": ds.name, "n": n}
-    if "user_vectors" in stats:
-        config["user_vectors"] = stats["user_vectors"]
+    config.update(fitted_on)  # what `check_user_fit` compares
     return IndexBuild(idx, tok, raw, config, stats)
 
 
