@@ -49,7 +49,7 @@ SUITES: dict[str, list[Entry]] = {
 # `make demo`: a small built-in dataset, a few minutes per model on 2 CPU cores, TTDS beside its
 # static twin and the strongest classical baseline. Budgets, not convergence: a smoke run of the
 # whole pipeline (data -> index -> train -> constrained beam search -> full-ranking metrics).
-_DEMO_GEN = ("train.max_minutes=2", "train.epochs=3", "index.options.rqvae.max_minutes=0.5",
+_DEMO_GEN = ("train.max_minutes=2", "train.epochs=3", "index.options.rqvae.max_steps=600",
              "index.options.max_text_tokens=32", "train.valid_users=100", "eval.template_mean_users=-1",
              "eval.final_valid=false")
 SUITES["demo"] = [
