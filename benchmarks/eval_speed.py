@@ -48,17 +48,6 @@ def untrained_model(data_spec: str, ds, item_index: str, seed: int = 0):
     return cfg, build_model(cfg, _backbone(cfg, "cpu"), items, users).eval()
 
 
-def cpu_peak_flops(n: int = 1024, repeats: int = 20) -> float:
-    """Dense fp32 matmul FLOP per CPU-second of this process (CPU time: other load on a shared machine
-    does not count), to compare with the engine's FLOP per CPU-second."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    c = time.process_time()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.process_time() - c)
-
-
 def time_eval(model, evalset, label: str) -> dict:
     from ttds.eval.evaluator import evaluate
 
@@ -141,7 +130,10 @@ def main():
     tokens = info["mean_prompt_tokens"] - S + args.beam * (model.trie.n_levels - 1)
     info["forward_tokens_per_user"] = tokens
     info["forward_flops_per_user"] = tokens * train_flops_per_token(model, int(info["mean_prompt_tokens"]) + 40) / 3
-    info["dense_peak_flops_per_cpu_s"] = cpu_peak_flops()
+    from ttds.train.engine import dense_peak_flops
+
+    # FLOP per CPU-second of this process (other load on a shared machine does not count), as the engine's figure
+    info["dense_peak_flops_per_cpu_s"] = dense_peak_flops(repeats=20, clock=time.process_time)
     info["users_per_cpu_s_bound_at_peak"] = info["dense_peak_flops_per_cpu_s"] / info["forward_flops_per_user"]
 
     engine = beam.beam_search_prompts
