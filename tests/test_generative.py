@@ -153,7 +153,9 @@ def test_lr_schedule_ends_at_max_steps(bb_dir, tmp_path):
     assert all(a > b for a, b in zip(mult[2:], mult[3:])) and mult[-1] < 0.2  # x0.99 when planned over 50 epochs
 
 
-def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path):
+def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path, monkeypatch):
+    import ttds.serve.engine as serve_engine
+    from ttds.errors import TTDSError
     from ttds.train.commands import eval_model, train_model
 
     sets = [f"backbone.name_or_path={bb_dir}", "index.source=random", "index.user_source=random", "index.options.levels=2",
@@ -172,6 +174,14 @@ def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path):
     # `ttds eval --set eval.seen_items=auto`: the built-in data never repeats an item -> the model excludes history
     r = eval_model(out, "builtin:users=40,items=30,seed=2", overrides=["eval.seen_items=auto"])
     assert r["seen_items"] == "exclude" and (out / "eval-builtin-test-exclude_seen.json").is_file()
+    # `ttds eval --quantize int8`: the LM's Linear layers run in int8, and the result goes to its own file
+    quantized, real = [], serve_engine.quantize_int8
+    monkeypatch.setattr(serve_engine, "quantize_int8", lambda model: (quantized.append(model), real(model)))
+    r = eval_model(out, "builtin:users=40,items=30,seed=2", quantize="int8")
+    assert len(quantized) == 1 and any("quantized" in type(m).__module__ for m in quantized[0].backbone.body.modules())
+    assert r["quantize"] == "int8" and 0 <= r["metrics"]["NDCG@10"] <= 1 and (out / "eval-builtin-test-int8.json").is_file()
+    with pytest.raises(TTDSError, match="--quantize"):
+        eval_model(out, "builtin:users=40,items=30,seed=2", quantize="fp8")
 
 
 def test_repeat_rate_counts_targets_within_the_history_window():

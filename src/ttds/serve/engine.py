@@ -217,6 +217,12 @@ class RecommenderEngine:
 QUANTIZE = ("none", "int8")
 
 
+def check_quantize(quantize: str, device) -> None:
+    """`--quantize` of `ttds serve`, `ttds precompute` and `ttds eval`: none | int8 (int8 on the CPU only)."""
+    if quantize not in QUANTIZE or (quantize != "none" and str(device) != "cpu"):
+        raise TTDSError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)} (int8 on --device cpu only)")
+
+
 def quantize_int8(model) -> None:
     """Dynamic int8 quantisation (CPU) of the Linear layers of a generative model's transformer body:
     int8 weights, activations quantised per call. At batch 1 a beam-search step is bound by streaming the
@@ -257,8 +263,7 @@ def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_h
     root = Path(model_dir)
     if not root.is_dir():
         raise TTDSError(f"--model {model_dir}: folder not found")
-    if quantize not in QUANTIZE or (quantize != "none" and str(device) != "cpu"):
-        raise TTDSError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)} (int8 on --device cpu only)")
+    check_quantize(quantize, device)
     cfg, model = load_model(root, torch.device(device))
     if threads > 0:  # after loading: a recipe may set threads from its config
         torch.set_num_threads(threads)

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ttds.errors import TTDSError
+from ttds.serve.commands import QuantOpt
 
 
 def default_out(model: str, dataset_name: str) -> Path:
@@ -28,7 +29,10 @@ def train_model(model: str, data: str, out: Path | None = None, config: str | No
 
 
 def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool = False,
-               overrides: list[str] | None = None) -> dict:
+               overrides: list[str] | None = None, quantize: str = "none") -> dict:
+    """Full-ranking metrics of a saved model on one split, written to eval-<dataset>-<split>[-exclude_seen][-int8].json.
+    `quantize="int8"`: a generative model's LM runs with dynamic int8 Linear layers (`ttds.serve.engine.quantize_int8`,
+    as `ttds serve --quantize int8` does): faster on the CPU, but its rankings differ, so the file says so."""
     from ttds.config import set_path, parse_override
     from ttds.dist import env_rank
     from ttds.data.dataset import leave_one_out
@@ -37,6 +41,7 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
     from ttds.io import write_json
     from ttds.recipes import load_model, run_config
     from ttds.runtime import machine_info, setup_torch
+    from ttds.serve.engine import check_quantize, quantize_int8
 
     if split not in ("test", "valid"):
         raise TTDSError(f"--split {split!r}: expected test or valid")
@@ -44,7 +49,10 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
     for text in overrides or []:
         set_path(cfg, *parse_override(text))
     device = setup_torch(cfg)
+    check_quantize(quantize, device)
     _, model = load_model(model_dir, device)
+    if quantize == "int8":
+        quantize_int8(model)
     ds = load_dataset(data, drop_short=drop_short)
     if ds.n_items != model.n_items:
         raise TTDSError(f"--data {data}: {ds.n_items} items, but the model in {model_dir} was trained on {model.n_items}")
@@ -57,10 +65,11 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
                  bool(ev.get("mask_seen", False)), device, desc=split)
     result = {"model": cfg.get("name"), "dataset": ds.name, "split": split, "mask_seen": bool(ev.get("mask_seen", False)),
               "seen_items": ev.get("seen_items", "keep") if hasattr(model, "exclude_seen") else None,
-              "metrics": m, "machine": machine_info()}
+              "quantize": quantize, "metrics": m, "machine": machine_info()}
     if env_rank() == 0:  # under torchrun every rank holds the gathered metrics; one writes them
         rule = "-exclude_seen" if getattr(model, "exclude_seen", False) else ""
-        write_json(Path(model_dir) / f"eval-{ds.name}-{split}{rule}.json", result)
+        q = "" if quantize == "none" else f"-{quantize}"
+        write_json(Path(model_dir) / f"eval-{ds.name}-{split}{rule}{q}.json", result)
     return result
 
 
@@ -103,12 +112,13 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="test (target seq[-1]) or valid (seq[-2])."),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Override KEY=VALUE, e.g. eval.batch_size=256."),
         drop_short: bool = typer.Option(False, "--drop-short", help="Drop users with < 3 interactions."),
+        quantize: str = QuantOpt,
     ):
         """Evaluate a saved model with full ranking; prints a table and writes eval-<dataset>-<split>.json."""
         from ttds.dist import env_rank
         from ttds.eval.evaluator import format_metrics
 
-        r = eval_model(model_dir, data, split, drop_short, set_)
+        r = eval_model(model_dir, data, split, drop_short, set_, quantize)
         if env_rank() == 0:
             typer.echo(format_metrics({f"{r['model']} {split}": r["metrics"]}))
             if r.get("seen_items") == "exclude":
