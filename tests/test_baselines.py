@@ -293,3 +293,14 @@ def test_bench_keeps_rows_written_by_a_concurrent_bench(tmp_path, monkeypatch):
     labels = [r["label"] for r in read_json(path)["rows"]]
     assert labels == ["SASRec", "Caser", "HGN"]
     assert "| HGN |" in (res / "classic-builtin.md").read_text()
+
+
+def test_demo_budgets_are_steps_not_minutes():
+    """`make demo` must print the same table on a loaded machine: no wall-clock budget in its suite (a 2-minute
+    cap stopped TTSS after 13 of 84 steps when the cores were shared), and every model's run is bounded."""
+    from ttds.bench.suites import SUITES
+
+    for e in SUITES["demo"]:
+        assert not any(o.startswith(("train.max_minutes", "index.options.rqvae.max_minutes")) for o in e.overrides), e
+    gen = [e for e in SUITES["demo"] if e.model in ("ttss", "ttds")]
+    assert gen and all("train.epochs=3" in e.overrides for e in gen)
