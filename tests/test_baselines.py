@@ -297,7 +297,7 @@ def test_bench_keeps_rows_written_by_a_concurrent_bench(tmp_path, monkeypatch):
 
 def test_demo_budgets_are_steps_not_minutes():
     """`make demo` must print the same table on a loaded machine: no wall-clock budget in its suite (a 2-minute
-    cap stopped TTSS after 13 of 84 steps when the cores were shared), and every model's run is bounded."""
+    cap stopped TTSS after 13 of 84 steps when the cores were shared); the generative models get 3 epochs."""
     from ttds.bench.suites import SUITES
 
     for e in SUITES["demo"]:
