@@ -311,6 +311,28 @@ def test_precompute_interrupted_then_resumed(ds, store):
     assert precompute(eng, store, k=5, batch_size=8, progress=False)["written"] == 0
 
 
+def test_precompute_calls_the_model_on_users_of_similar_history_length(ds, tmp_path):
+    """Users go longest (model-visible) history first, so each model call holds prompts of about one length;
+    every user exactly once."""
+    eng = make_engine(ds)
+    eng.max_history = 12  # the built-in users have 6 to 36 items: capped at 12, mixed in id order
+    calls = []
+    inner = eng.recommend_histories
+
+    def spy(histories, k, user_texts=None, users=None):
+        calls.append((list(users), [min(len(h), eng.max_history) for h in histories]))
+        return inner(histories, k, user_texts, users)
+
+    eng.recommend_histories = spy
+    st = open_store(f"sqlite:///{tmp_path}/c.db")
+    precompute(eng, st, k=4, batch_size=8, progress=False)
+    assert sorted(u for users, _ in calls for u in users) == list(range(ds.n_users))
+    lengths = [n for _, ns in calls for n in ns]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+    for u in range(ds.n_users):  # the order does not change anyone's list
+        assert st.get(u).items == exhaustive_top(eng, eng.user_history(u), 4)
+
+
 def test_precompute_new_model_swaps_atomically(ds, tmp_path):
     st = open_store(f"sqlite:///{tmp_path}/c.db")
     precompute(make_engine(ds, "tiny-1"), st, k=4, progress=False)
