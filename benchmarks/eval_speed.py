@@ -57,14 +57,20 @@ def time_eval(model, evalset, label: str) -> dict:
             "load_1m": os.getloadavg()[0]}
 
 
-def time_precompute(model, ds, cfg, n: int, k: int) -> dict:
+def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histories: list | None = None,
+                    label: str | None = None) -> dict:
     """`precompute()` of the first `n` users' top-k into a temporary SQLite store, as `ttds precompute` runs it
-    (full histories, seen items excluded: a user with a short list is searched again with a wider beam)."""
+    (each user's full history; `exclude`: seen items searched around, the serving default). `histories`: per user
+    0..n-1, the history to use instead (e.g. the test histories, to give `evaluate()`'s prompts)."""
     from ttds.serve.engine import RecommenderEngine
     from ttds.serve.precompute import precompute
     from ttds.serve.store import open_store
 
-    engine = RecommenderEngine(model, ds, "speed", int(cfg["data"]["max_history"]), exclude_history=True)
+    class Engine(RecommenderEngine):
+        def user_history(self, user: int) -> list[int]:
+            return super().user_history(user) if histories is None else list(histories[user])
+
+    engine = Engine(model, ds, "speed", int(cfg["data"]["max_history"]), exclude_history=exclude)
     engine.n_users = n  # the first n users only
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(f"sqlite:///{tmp}/speed.db")
@@ -72,7 +78,8 @@ def time_precompute(model, ds, cfg, n: int, k: int) -> dict:
         r = precompute(engine, store, k=k, batch_size=256, progress=False)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         store.close()
-    return {"variant": f"precompute k={k} (seen excluded, SQLite)", "users": r["users"], "wall_s": wall, "cpu_s": cpu,
+    label = label or f"precompute k={k} (seen {'excluded' if exclude else 'kept'}, SQLite)"
+    return {"variant": label, "users": r["users"], "wall_s": wall, "cpu_s": cpu,
             "users_per_s": r["users"] / wall, "users_per_cpu_s": r["users"] / max(cpu, 1e-9), "load_1m": os.getloadavg()[0]}
 
 
