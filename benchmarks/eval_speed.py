@@ -57,8 +57,7 @@ def time_eval(model, evalset, label: str) -> dict:
             "load_1m": os.getloadavg()[0]}
 
 
-def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histories: list | None = None,
-                    label: str | None = None) -> dict:
+def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histories: list | None = None) -> dict:
     """`precompute()` of the first `n` users' top-k into a temporary SQLite store, as `ttds precompute` runs it
     (each user's full history; `exclude`: seen items searched around, the serving default). `histories`: per user
     0..n-1, the history to use instead (e.g. the test histories, to give `evaluate()`'s prompts)."""
@@ -78,8 +77,7 @@ def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histor
         r = precompute(engine, store, k=k, batch_size=256, progress=False)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         store.close()
-    label = label or f"precompute k={k} (seen {'excluded' if exclude else 'kept'}, SQLite)"
-    return {"variant": label, "users": r["users"], "wall_s": wall, "cpu_s": cpu,
+    return {"variant": f"precompute k={k} (seen {'excluded' if exclude else 'kept'}, SQLite)", "users": r["users"], "wall_s": wall, "cpu_s": cpu,
             "users_per_s": r["users"] / wall, "users_per_cpu_s": r["users"] / max(cpu, 1e-9), "load_1m": os.getloadavg()[0]}
 
 
