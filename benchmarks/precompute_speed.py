@@ -25,11 +25,9 @@ from eval_speed import time_eval, time_precompute  # same folder
 
 
 def mean_prompt_tokens(model, users, histories: list[list[int]], max_history: int) -> float:
-    hist = np.full((len(histories), max_history), -1, dtype=np.int64)
-    for b, h in enumerate(histories):
-        h = h[-max_history:]
-        if h:
-            hist[b, max_history - len(h):] = h
+    from ttds.data.dataset import pad_left
+
+    hist = pad_left([np.asarray(h, dtype=np.int64) for h in histories], max_history)
     return float(np.mean([len(p) for p in model.prompts(torch.as_tensor(users), torch.from_numpy(hist))]))
 
 
