@@ -14,6 +14,8 @@ Variants, side by side in one run (same model, same users):
   baseline          `--baseline FILE`: another version of beam.py (e.g. `git show HEAD~1:src/ttds/models/beam.py`)
   precompute        `--precompute K`: `ttds precompute`'s code path (`ttds.serve.precompute.precompute`: serving
                     engine, seen items excluded, a fresh SQLite store) over the first N users, k = K
+`--profile`: also where the engine's CPU time goes (`torch.profiler`, one `evaluate()` of up to 256 of the
+users, the operators with the most self CPU time).
 
     python benchmarks/eval_speed.py --data /work/shared/data/Games --item-index runs/index-Games-item-rqvae/index.json \\
         --users 1000 --threads 1 --beam-batch 32 --no-prefix --baseline /tmp/beam_old.py
@@ -81,6 +83,19 @@ def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histor
             "users_per_s": r["users"] / wall, "users_per_cpu_s": r["users"] / max(cpu, 1e-9), "load_1m": os.getloadavg()[0]}
 
 
+def profile_ops(model, evalset, top: int = 8) -> list[dict]:
+    """The `top` operators by self CPU time in one `evaluate()` of `evalset`: name, share of the total, calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ttds.eval.evaluator import evaluate
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        evaluate(model, evalset, batch_size=1024, progress=False)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) or 1
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in ops[:top]]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -95,6 +110,7 @@ def main():
     ap.add_argument("--precompute", type=int, action="append", default=[], metavar="K",
                     help="also time `ttds precompute` of the first N users at k=K (repeatable)")
     ap.add_argument("--int8", action="store_true", help="also time the model with dynamic int8 Linear layers (--quantize int8)")
+    ap.add_argument("--profile", action="store_true", help="also list the operators that take the engine's CPU time")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-minutes", type=float, default=15.0)
     ap.add_argument("--out", default=None, help="default benchmarks/results/eval_speed-<dataset>.json (+ .md)")
@@ -190,6 +206,8 @@ def main():
             info["ndcg10_fp32_int8"] = [evaluate(m, sub, progress=False)["NDCG@10"] for m in (model, q)]
     for k in args.precompute:
         rows.append({**time_precompute(model, ds, cfg, n, k), "beam_batch": model.beam_batch})
+    if args.profile:
+        info["profile"] = profile_ops(model, EvalSet(sub.users[:256], sub.history[:256], sub.target[:256]))
     for r in rows:
         r["achieved_flops_per_cpu_s"] = r["users_per_cpu_s"] * info["forward_flops_per_user"]
         r["extrapolated_full_test_min"] = len(test) / r["users_per_s"] / 60
@@ -215,6 +233,10 @@ def main():
     if "int8_top10_overlap" in info:
         lines += ["", f"int8 vs fp32 on these users: top-10 overlap {info['int8_top10_overlap']:.3f}, same top-1 "
                   f"{info['int8_top1_same']:.3f}, NDCG@10 {info['ndcg10_fp32_int8'][0]:.4f} (fp32) vs {info['ndcg10_fp32_int8'][1]:.4f} (int8)."]
+    if "profile" in info:
+        lines += ["", f"Self CPU time by operator (`--profile`, evaluate() of {min(n, 256)} users), top {len(info['profile'])}:", "",
+                  "| operator | share of self CPU time | calls |", "|---|---|---|"]
+        lines += [f"| {p['op']} | {p['share']:.1%} | {p['calls']} |" for p in info["profile"]]
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))

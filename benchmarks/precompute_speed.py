@@ -3,13 +3,16 @@
 
     python benchmarks/precompute_speed.py --data ../shared/data/Games --model-dir runs/s10/ttss-Games \\
         --users 1024 --threads 2 --repeats 2
+    # every user, once, the two rows the issue compares (evaluate() vs the serving default):
+    python benchmarks/precompute_speed.py --data ../shared/data/Games --model-dir runs/s10/ttss-Games \
+        --users 0 --threads 2 --repeats 1 --variants eval,serve
 
 Rows (one trained model, the first N test users, top 10, the model's beam), run round-robin `--repeats`
 times and reported as medians, so that a drift of the machine hits every row alike:
-  evaluate()                              the test prompts (history = the items before the test item)
-  precompute, test histories, seen kept   `ttds precompute`'s code path on the SAME prompts: its own overhead
-  precompute, full histories, seen kept   what serving predicts from: every known item (the test item too)
-  precompute, full histories, seen excl.  the serving default (seen items searched around in the trie)
+  eval       evaluate()                              the test prompts (history = the items before the test item)
+  same       precompute, test histories, seen kept   `ttds precompute`'s code path on the SAME prompts: its overhead
+  full       precompute, full histories, seen kept   what serving predicts from: every known item (the test item too)
+  serve      precompute, full histories, seen excl.  the serving default (seen items searched around in the trie)
 Each row gives its users' mean prompt length, so a gap splits into more work (longer prompts) and overhead.
 Writes benchmarks/results/precompute_speed-<dataset>.json and .md (or --out).
 """
@@ -35,12 +38,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--model-dir", required=True, help="a trained generative model (what `ttds train` wrote)")
-    ap.add_argument("--users", type=int, default=1024)
+    ap.add_argument("--users", type=int, default=1024, help="the first N test users; 0 = all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--variants", default="eval,same,full,serve", help="comma-separated rows (see above), in run order")
     ap.add_argument("--out", default=None, help="default benchmarks/results/precompute_speed-<dataset>.json (+ .md)")
     args = ap.parse_args()
+    names = ("eval", "same", "full", "serve")
+    keys = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not keys or any(v not in names for v in keys):
+        raise SystemExit(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(names)}")
     torch.set_num_threads(args.threads)
 
     from ttds.data.dataset import EvalSet, leave_one_out
@@ -54,7 +62,7 @@ def main():
     model.eval()
     mh = int(cfg["data"]["max_history"])
     test = leave_one_out(ds, mh).test
-    n = min(args.users, len(test))
+    n = min(args.users, len(test)) if args.users > 0 else len(test)
     users = [int(u) for u in np.asarray(test.users[:n])]
     if users != list(range(n)):  # precompute() takes users 0..n-1
         raise SystemExit(f"{args.data}: the first {n} test users are not users 0..{n - 1}")
@@ -63,13 +71,14 @@ def main():
     full_hists = [[int(i) for i in ds.sequences[u]] for u in users]
     tokens = {"test": mean_prompt_tokens(model, users, test_hists, mh), "full": mean_prompt_tokens(model, users, full_hists, mh)}
     k = args.k
-    variants = [
-        ("evaluate()", "test", lambda: time_eval(model, sub, "evaluate()")),
-        ("precompute, test histories, seen kept", "test",
-         lambda: time_precompute(model, ds, cfg, n, k, exclude=False, histories=test_hists)),
-        ("precompute, full histories, seen kept", "full", lambda: time_precompute(model, ds, cfg, n, k, exclude=False)),
-        ("precompute, full histories, seen excluded", "full", lambda: time_precompute(model, ds, cfg, n, k, exclude=True)),
-    ]
+    known = {
+        "eval": ("evaluate()", "test", lambda: time_eval(model, sub, "evaluate()")),
+        "same": ("precompute, test histories, seen kept", "test",
+                 lambda: time_precompute(model, ds, cfg, n, k, exclude=False, histories=test_hists)),
+        "full": ("precompute, full histories, seen kept", "full", lambda: time_precompute(model, ds, cfg, n, k, exclude=False)),
+        "serve": ("precompute, full histories, seen excluded", "full", lambda: time_precompute(model, ds, cfg, n, k, exclude=True)),
+    }
+    variants = [known[v] for v in keys]
     time_eval(model, EvalSet(sub.users[:64], sub.history[:64], sub.target[:64]), "warm-up")
     runs = {name: [] for name, _, _ in variants}
     for r in range(args.repeats):
@@ -82,19 +91,22 @@ def main():
         rows.append({"variant": name, "histories": hist, "mean_prompt_tokens": tokens[hist], "users": n,
                      "users_per_s": float(np.median([g["users_per_s"] for g in got])),
                      "users_per_cpu_s": float(np.median([g["users_per_cpu_s"] for g in got])),
-                     "users_per_s_each": [g["users_per_s"] for g in got], "load_1m": [g["load_1m"] for g in got]})
-    base = rows[0]["users_per_s"]
+                     "users_per_s_each": [g["users_per_s"] for g in got], "wall_s_each": [g["wall_s"] for g in got], "load_1m": [g["load_1m"] for g in got]})
+    base = rows[0]["users_per_s"]  # the first row is the reference
     for r in rows:
         r["vs_evaluate"] = r["users_per_s"] / base
     res = {"dataset": ds.name, "model": args.model_dir, "users": n, "k": k, "beam": int(model.beam), "threads": args.threads,
            "repeats": args.repeats, "max_history": mh, "machine": machine_info(), "rows": rows}
+    walls = ", ".join(f"{r['variant']} {sum(r['wall_s_each']):.0f} s" for r in rows)
     out = Path(args.out or f"benchmarks/results/precompute_speed-{ds.name}.json")
     write_json(out, res)
     lines = [f"# Pre-compute vs evaluate(), {ds.name}: trained model {args.model_dir}", "",
              f"The first {n} test users, top {k}, beam {model.beam}, {args.threads} thread(s); medians of {args.repeats} "
              f"round-robin repeats. Command: `python benchmarks/precompute_speed.py --data {args.data} --model-dir "
-             f"{args.model_dir} --users {args.users} --threads {args.threads} --repeats {args.repeats}`.", "",
-             "| variant | mean prompt tokens | users/s (wall) | users per CPU-s | vs evaluate() | each repeat, users/s | load 1m |",
+             f"{args.model_dir} --users {args.users} --threads {args.threads} --repeats {args.repeats} --variants {args.variants}"
+             f"{f' --out {args.out}' if args.out else ''}`. "
+             f"Wall time, summed over the repeats: {walls}.", "",
+             f"| variant | mean prompt tokens | users/s (wall) | users per CPU-s | vs {rows[0]['variant']} | each repeat, users/s | load 1m |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['mean_prompt_tokens']:.1f} | {r['users_per_s']:.2f} | {r['users_per_cpu_s']:.2f} | "
               f"{r['vs_evaluate']:.2f} | {', '.join(f'{x:.1f}' for x in r['users_per_s_each'])} | "
