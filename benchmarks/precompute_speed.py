@@ -4,7 +4,7 @@
     python benchmarks/precompute_speed.py --data ../shared/data/Games --model-dir runs/s10/ttss-Games \\
         --users 1024 --threads 2 --repeats 2
     # every user, once, the two rows the issue compares (evaluate() vs the serving default):
-    python benchmarks/precompute_speed.py --data ../shared/data/Games --model-dir runs/s10/ttss-Games \
+    python benchmarks/precompute_speed.py --data ../shared/data/Games --model-dir runs/s10/ttss-Games \\
         --users 0 --threads 2 --repeats 1 --variants eval,serve
 
 Rows (one trained model, the first N test users, top 10, the model's beam), run round-robin `--repeats`
@@ -26,6 +26,8 @@ import torch
 
 from eval_speed import time_eval, time_precompute  # same folder
 
+VARIANTS = ("eval", "same", "full", "serve")  # the rows, in the docstring's order
+
 
 def mean_prompt_tokens(model, users, histories: list[list[int]], max_history: int) -> float:
     from ttds.data.dataset import pad_left
@@ -42,13 +44,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--variants", default="eval,same,full,serve", help="comma-separated rows (see above), in run order")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated rows (see above), in run order")
     ap.add_argument("--out", default=None, help="default benchmarks/results/precompute_speed-<dataset>.json (+ .md)")
     args = ap.parse_args()
-    names = ("eval", "same", "full", "serve")
     keys = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not keys or any(v not in names for v in keys):
-        raise SystemExit(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(names)}")
+    if not keys or any(v not in VARIANTS for v in keys):
+        raise SystemExit(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
 
     from ttds.data.dataset import EvalSet, leave_one_out
