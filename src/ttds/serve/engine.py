@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ttds.data.dataset import PAD, TEXT_FIELDS, RecDataset
+from ttds.data.dataset import PAD, TEXT_FIELDS, RecDataset, pad_left
 from ttds.errors import TTDSError
 
 log = logging.getLogger(__name__)
@@ -148,11 +148,7 @@ class RecommenderEngine:
         import torch
 
         B, n = len(histories), self.n_items
-        hist = np.full((B, self.max_history), PAD, dtype=np.int64)
-        for b, h in enumerate(histories):
-            h = list(h)[-self.max_history:] if self.max_history else []
-            if h:
-                hist[b, self.max_history - len(h):] = h
+        hist = pad_left([np.asarray(list(h), dtype=np.int64) for h in histories], self.max_history)
         users_t = torch.tensor([PAD if u is None else int(u) for u in (users or [None] * B)], dtype=torch.long)
         hist_t = torch.from_numpy(hist)
         seen = [set(int(i) for i in h) if self.exclude_history else set() for h in histories]

@@ -16,15 +16,18 @@ Only training interactions (seq[:-2]) are used; reviews of the valid/test items 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ttds.data.dataset import RecDataset, training_user_text
+from ttds.errors import TTDSError
 from ttds.tasks import templates as T
 
 _FIELD = re.compile(r"\{(\w+)\}")
 TASKS = ("seqrec", "item2index", "index2item", "userpred", "review")
+USER_PROFILES = ("all", "earlier")
 
 
 @dataclass
@@ -42,6 +45,13 @@ class TaskConfig:
     review: float = 0.0
     max_text_tokens: int = 32  # truncation of titles/descriptions/reviews
     eval_template: int = 0  # the fixed sequential-recommendation template reported by evaluation
+    # the user ID in a seqrec example: all (the user's one ID, coded from all training items, the targets too: the
+    # paper's way) | earlier (coded from the items before the example's first target: `seqrec_earlier_examples`)
+    user_profile: str = "all"
+
+    def __post_init__(self):
+        if self.user_profile not in USER_PROFILES:
+            raise TTDSError(f"config tasks.user_profile={self.user_profile!r}: expected one of {', '.join(USER_PROFILES)}")
 
 
 class PromptCodec:
@@ -109,17 +119,21 @@ def _example(prompt: np.ndarray, answer: np.ndarray) -> Example:
     return Example(np.concatenate([prompt, answer]), np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)]))
 
 
-def windows(seq: np.ndarray, length: int) -> list[np.ndarray]:
-    """Chunks of at most `length` items covering `seq`, newest first, overlapping by one item (so
-    every item except the very first is predicted with some history)."""
-    out, end = [], len(seq)
+def window_bounds(n: int, length: int) -> list[tuple[int, int]]:
+    """(start, end) of chunks of at most `length` items covering a sequence of n, newest first, overlapping
+    by one item (so every item except the very first is predicted with some history)."""
+    out, end = [], n
     while end > 0:
         start = max(0, end - length)
-        out.append(seq[start:end])
+        out.append((start, end))
         if start == 0:
             break
         end = start + 1
     return out
+
+
+def windows(seq: np.ndarray, length: int) -> list[np.ndarray]:
+    return [seq[a:b] for a, b in window_bounds(len(seq), length)]
 
 
 @dataclass
@@ -131,6 +145,8 @@ class TaskData:
     codec: PromptCodec
     max_history: int
     buyers: list[np.ndarray] = field(default_factory=list)  # item -> users who bought it in training
+    # (profiles, owners) -> unified user-ID tokens [n, L] (`ttds.index.profiles.ProfileIDs`); tasks.user_profile=earlier
+    profile_tokens: Callable[[list, list], np.ndarray] | None = None
 
     def __post_init__(self):
         if not self.buyers:
@@ -140,6 +156,29 @@ class TaskData:
                     lists[int(i)].append(u)
             # no timestamps in RecDataset: buyers are ordered by user id (a stable, leak-free order)
             self.buyers = [np.asarray(sorted(set(b)), dtype=np.int64) for b in lists]
+
+
+def seqrec_earlier_examples(d: TaskData, rng: np.random.Generator) -> list[Example]:
+    """`seqrec` without the future in the user ID: in each window s[a:b] a cut c is drawn uniformly from a..b-1;
+    the prompt's user ID is coded from the user's items before c (`TaskData.profile_tokens`; no ID when c = 0),
+    s[a:c] follow as history and only s[c:b] are targets. Evaluation prompts match: the stored ID is coded
+    from training items, all before the target."""
+    if d.profile_tokens is None:
+        raise TTDSError("config tasks.user_profile=earlier: this model has no user tower that codes item profiles "
+                        "(needs index.user: true with an rqvae or lsh user_source on item-mean user vectors)")
+    plan = []
+    for u, s in enumerate(d.train):
+        for a, b in window_bounds(len(s), d.max_history + 1):
+            plan.append((u, a, b, int(rng.integers(a, b)), int(rng.integers(len(T.SEQREC)))))
+    need = [i for i, p in enumerate(plan) if p[3] > 0]  # examples with a profile (c = 0: none, no user ID)
+    tokens = d.profile_tokens([d.train[plan[i][0]][:plan[i][3]] for i in need], [plan[i][0] for i in need]) if need else []
+    ids = dict(zip(need, tokens))
+    out = []
+    for i, (u, a, b, c, t) in enumerate(plan):
+        s = d.train[u]
+        prompt = d.codec.render(T.SEQREC[t], user=ids.get(i))
+        out.append(_example(np.concatenate([prompt, d.codec.items(s[a:c])]), d.codec.items(s[c:b])))
+    return out
 
 
 def seqrec_examples(d: TaskData, rng: np.random.Generator) -> list[Example]:
@@ -205,7 +244,8 @@ def review_examples(d: TaskData, n: int, rng: np.random.Generator) -> list[Examp
 
 def build_epoch(d: TaskData, cfg: TaskConfig, rng: np.random.Generator) -> list[Example]:
     """All examples of one epoch: the sequential windows plus the weighted auxiliary tasks."""
-    seq = seqrec_examples(d, rng) if cfg.seqrec > 0 else []
+    seqrec = seqrec_earlier_examples if cfg.user_profile == "earlier" and d.codec.user_tokens is not None else seqrec_examples
+    seq = seqrec(d, rng) if cfg.seqrec > 0 else []
     base = max(len(seq), 1)
     out = list(seq)
     if 0 < cfg.seqrec < 1:

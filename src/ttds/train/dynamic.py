@@ -268,6 +268,19 @@ class DynamicTrainer(LMTrainer):
     def on_resume(self) -> None:
         self.model.index_from_buffers()  # the codes the checkpoint carries
 
+    def profile_ids(self):
+        """The user tower as it is now (codes, quantiser, the items' current X; with `dynamic.behaviour_weight` the
+        fused item vectors)."""
+        from ttds.index.build import index_config, user_vector_source
+        from ttds.index.profiles import ProfileIDs
+
+        if "user" not in self.model.towers:
+            return None
+        if user_vector_source(self.ds, index_config(self.cfg)) != "items":
+            raise TTDSError(f"config tasks.user_profile=earlier: needs user vectors made from items "
+                            f"(index.options.user_vectors=items); {self.ds.name} users are coded from their text")
+        return ProfileIDs(self.model.user_index, self.model.towers["user"].tokenizer, self.model.towers["item"].x)
+
     def before_step(self) -> None:
         s = self.state
         _set_phase(self.model, self.opt, s["step"] >= self.warm, self.dyn.enabled and not self.frozen_index(s["epoch"]))

@@ -103,7 +103,15 @@ def configure_inference(model: GenerativeRecommender, ec: GenEvalConfig) -> Gene
 
 
 class GenerativeTrainer(LMTrainer):
-    """The shared loop; the static index needs only its optimizer groups."""
+    """The shared loop; the static index needs only its optimizer groups (and, for `tasks.user_profile: earlier`,
+    the user tower's `ProfileIDs`, made by `train` before the backbone changes)."""
+
+    def __init__(self, *args, profiles=None):
+        super().__init__(*args)
+        self.profiles = profiles
+
+    def profile_ids(self):
+        return self.profiles
 
     def param_groups(self) -> list[dict]:
         model, tc = self.model, self.tc
@@ -133,7 +141,12 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         if dist.is_main():
             backbone.tokenizer.save_pretrained(str(out / "tokenizer"))
     model = build_model(cfg, backbone, items, users).to(device)
-    return GenerativeTrainer(cfg, ds, out, split, model, device, load).fit()
+    profiles = None
+    if users is not None and section(cfg, "tasks", TaskConfig).user_profile == "earlier":
+        from ttds.index.profiles import static_profile_ids
+
+        profiles = static_profile_ids(cfg, ds, out, users, backbone)  # the item vectors of the pretrained backbone
+    return GenerativeTrainer(cfg, ds, out, split, model, device, load, profiles=profiles).fit()
 
 
 def load(out_dir: Path, device="cpu") -> GenerativeRecommender:

@@ -292,9 +292,20 @@ class LMTrainer:
         """Context: the full parameters on every rank (FSDP), for code that bypasses the forward."""
         return dist.unsharded_params(self.net)
 
+    def profile_ids(self):
+        """`ttds.index.profiles.ProfileIDs` of the model's user tower as it is now, for `tasks.user_profile: earlier`
+        (None: the model cannot code item profiles)."""
+        return None
+
     def new_task_data(self, buyers=None) -> TaskData:
         """The task data with the model's current IDs (`buyers`: reuse the item -> users lists of the previous one)."""
-        return TaskData(self.ds, self.split.train, self.model.codec, self.max_hist, buyers if buyers is not None else [])
+        tokens = None
+        if self.task_cfg.user_profile == "earlier" and self.model.user_index is not None:
+            pid = self.profile_ids()
+            if pid is not None:
+                def tokens(profiles, owners):
+                    return self.model.id_tokens("user", pid.codes(profiles, owners))
+        return TaskData(self.ds, self.split.train, self.model.codec, self.max_hist, buyers if buyers is not None else [], tokens)
 
     # ------------------------------------------------------------ the loop
 
