@@ -18,7 +18,8 @@ codes are theirs, else the first free disambiguation code) and evaluates the sam
                  information, just a fresher profile, as a served user's would be
   no user ID     the prompt says "the user" instead of an ID
 
-If `+target` beats `+random item` by far, the model learned to look up the next item in its user ID.
+If `+target` beats `+random item` by far, the model learned to look up the next item in its user ID (what
+`tasks.user_profile: all` teaches; `earlier` codes each training prompt's ID from the items before its targets).
 
     python benchmarks/user_id_leak.py --model-dir runs/s10/ttss-Games --data ../shared/data/Games --users 1000 \\
         --split valid --threads 1 --out benchmarks/results/user_id_leak-Games-ttss

@@ -11,6 +11,10 @@ of a user's training sequence after a prompt that holds the user's ID, and that 
 items, the targets included. A model learns to read the next item from it (on Games, putting the evaluation
 target into the profile doubled NDCG@10). With `earlier`, a training example's ID is coded from the items
 before its first target only.
+
+Codes are the quantiser's plain nearest codes. A dynamic tower re-assigns its stored codes stickily (an
+entity keeps its code unless another is clearly closer); a profile is not coded stickily to its owner's
+stored codes, because those came from the full profile and would carry the targets back into the ID.
 """
 from __future__ import annotations
 

@@ -133,6 +133,7 @@ def window_bounds(n: int, length: int) -> list[tuple[int, int]]:
 
 
 def windows(seq: np.ndarray, length: int) -> list[np.ndarray]:
+    """The chunks of `window_bounds`."""
     return [seq[a:b] for a, b in window_bounds(len(seq), length)]
 
 
