@@ -38,14 +38,14 @@ import torch
 def profile_ids(model, cfg: dict, run: Path, ds):
     """`ttds.index.profiles.ProfileIDs` of the model's user tower: TTDS its own tower and item X, a static run its
     saved tokenizer.user and the pretrained backbone's item vectors (what the tower was fitted on)."""
-    from ttds.index.profiles import ProfileIDs, static_profile_ids
+    from ttds.index.profiles import item_profile_ids, static_profile_ids
     from ttds.models.ttds import TTDSRecommender
     from ttds.train.generative import _backbone
 
     if getattr(model, "user_index", None) is None:
         raise SystemExit(f"{run}: the model has no user IDs (no user tower)")
     if isinstance(model, TTDSRecommender):
-        return ProfileIDs(model.user_index, model.towers["user"].tokenizer, model.towers["item"].x)
+        return item_profile_ids(cfg, ds, model.user_index, model.towers["user"].tokenizer, model.towers["item"].x)
     return static_profile_ids(cfg, ds, run, model.user_index, _backbone(cfg, "cpu"))
 
 
@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="valid", choices=("valid", "test"))
-    ap.add_argument("--users", type=int, default=1000, help="evaluation users (the training run's validation sample "
-                    "for --split valid when it is not larger than valid_users)")
+    ap.add_argument("--users", type=int, default=1000, help="evaluation users, a fixed sample (with --split valid and "
+                    "--users = train.valid_users: the training run's own validation users)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="of the random control items")
     ap.add_argument("--out", default=None, help="OUT.md and OUT.json")
@@ -63,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from ttds.data.dataset import leave_one_out
+    from ttds.data.dataset import leave_one_out, profile_items
     from ttds.data.readers import load_dataset
     from ttds.errors import TTDSError
     from ttds.eval.evaluator import evaluate
@@ -83,7 +83,7 @@ def main() -> None:
         raise SystemExit(str(e)) from None
 
     users = [int(u) for u in ev.users]
-    train_items = [[int(i) for i in ds.sequences[u][:-2][-20:]] for u in users]
+    train_items = [profile_items(ds, u) for u in users]
     rng = np.random.default_rng(args.seed)
     variants = {"stored": None, "recomputed": train_items,
                 "+target": [p + [int(t)] for p, t in zip(train_items, ev.target)],

@@ -128,19 +128,22 @@ def training_user_text(ds: RecDataset, user: int) -> list[UserText]:
     return [t for t in ds.user_text[user] if t.item is None or t.item not in held_out]
 
 
-def profile_items(ds: RecDataset, user: int, max_items: int = 20) -> list[int]:
+PROFILE_ITEMS = 20  # the items a user profile is made of: the newest training items
+
+
+def profile_items(ds: RecDataset, user: int, max_items: int = PROFILE_ITEMS) -> list[int]:
     """The items a user profile is made of: the user's last `max_items` *training* items (never seq[-2:])."""
     return [int(i) for i in ds.sequences[user][:-2][-max_items:]]
 
 
-def profile_text(ds: RecDataset, user: int, max_items: int = 20) -> str:
+def profile_text(ds: RecDataset, user: int, max_items: int = PROFILE_ITEMS) -> str:
     """A user profile from the titles of the user's profile items."""
     titles = [ds.item_text["title"][i].strip() for i in profile_items(ds, user, max_items)]
     titles = [t for t in titles if t]
     return "Purchased: " + "; ".join(titles) if titles else ""
 
 
-def user_texts(ds: RecDataset, user: int, max_items: int = 20) -> list[str]:
+def user_texts(ds: RecDataset, user: int, max_items: int = PROFILE_ITEMS) -> list[str]:
     """User text for encoders and tasks: the user's own text when present, else the profile."""
     own = [t.text for t in training_user_text(ds, user) if t.text.strip()]
     if own:

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttds.data.dataset import PROFILE_ITEMS
 from ttds.errors import TTDSError
 from ttds.index.base import SemanticIndex
-
-PROFILE_ITEMS = 20  # the items of a profile: the newest ones (as `profile_items`)
 
 
 class ProfileIDs:
@@ -66,20 +65,26 @@ class ProfileIDs:
         return out
 
 
+def item_profile_ids(cfg: dict, ds, index: SemanticIndex, quantiser, item_x: torch.Tensor) -> ProfileIDs:
+    """`ProfileIDs` of a user tower fitted on item-mean user vectors; TTDSError when its users are coded from text."""
+    from ttds.index.build import index_config, user_vector_source
+
+    if user_vector_source(ds, index_config(cfg)) != "items":
+        raise TTDSError(f"config tasks.user_profile=earlier: needs user vectors made from items "
+                        f"(index.options.user_vectors=items); {ds.name} users are coded from their text")
+    return ProfileIDs(index, quantiser, item_x)
+
+
 def static_profile_ids(cfg: dict, ds, run_dir: str | Path, index: SemanticIndex, encoder) -> ProfileIDs:
     """`ProfileIDs` of a static user tower saved in run_dir/tokenizer.user (RQ-VAE or LSH, fitted on item-mean
     user vectors); `encoder`: the model that embedded the items for the index (the backbone before training)."""
-    from ttds.index.build import encoder_for, index_config, load_index, tower_vectors, user_vector_source
+    from ttds.index.build import encoder_for, index_config, load_index, tower_vectors
     from ttds.io import read_json
 
-    icfg = index_config(cfg)
     folder = Path(run_dir) / "tokenizer.user"
     kind = read_json(folder / "config.json").get("kind") if (folder / "config.json").is_file() else None
     if kind not in ("rqvae", "lsh"):
         raise TTDSError(f"config tasks.user_profile=earlier: needs an RQ-VAE or LSH user tower (index.user_source), "
                         f"{folder} holds {kind or 'none'}")
-    if user_vector_source(ds, icfg) != "items":
-        raise TTDSError(f"config tasks.user_profile=earlier: needs user vectors made from items "
-                        f"(index.options.user_vectors=items); {ds.name} users are coded from their text")
-    x, _, _ = tower_vectors(ds, "item", icfg, encoder_for(encoder, icfg))
-    return ProfileIDs(index, load_index(folder)[1], x)
+    x, _, _ = tower_vectors(ds, "item", index_config(cfg), encoder_for(encoder, index_config(cfg)))
+    return item_profile_ids(cfg, ds, index, load_index(folder)[1], x)

@@ -271,15 +271,12 @@ class DynamicTrainer(LMTrainer):
     def profile_ids(self):
         """The user tower as it is now (codes, quantiser, the items' current X; with `dynamic.behaviour_weight` the
         fused item vectors)."""
-        from ttds.index.build import index_config, user_vector_source
-        from ttds.index.profiles import ProfileIDs
+        from ttds.index.profiles import item_profile_ids
 
         if "user" not in self.model.towers:
             return None
-        if user_vector_source(self.ds, index_config(self.cfg)) != "items":
-            raise TTDSError(f"config tasks.user_profile=earlier: needs user vectors made from items "
-                            f"(index.options.user_vectors=items); {self.ds.name} users are coded from their text")
-        return ProfileIDs(self.model.user_index, self.model.towers["user"].tokenizer, self.model.towers["item"].x)
+        return item_profile_ids(self.cfg, self.ds, self.model.user_index, self.model.towers["user"].tokenizer,
+                                self.model.towers["item"].x)
 
     def before_step(self) -> None:
         s = self.state
