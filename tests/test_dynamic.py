@@ -15,6 +15,7 @@ from ttds.tasks import templates
 from ttds.tasks.builders import TaskConfig, TaskData, build_epoch
 from ttds.train import dynamic
 from ttds.train.engine import collate
+from ttds.train.loop import resolve_user_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: a second thread only waits on a shared CPU
 
@@ -192,7 +193,11 @@ def test_each_loss_term_follows_its_flag(bb_dir, ds, tmp_path, monkeypatch):
         return seen
 
     full, _ = _model(bb_dir, ds, tmp_path / "full")
-    tasks = lambda m: dynamic.section(_cfg(bb_dir, m), "tasks", TaskConfig)  # noqa: E731
+    def tasks(m):  # the task config as the recipe resolves it (tasks.user_profile: auto)
+        cfg = _cfg(bb_dir, m)
+        resolve_user_profile(cfg, ds, "rqvae")
+        return dynamic.section(cfg, "tasks", TaskConfig)
+
     assert kinds(tasks("ttds"), full.codec, monkeypatch) == {"userpred", "review"}
     assert kinds(tasks("ttds_ho"), full.codec, monkeypatch) == set()
     assert kinds(tasks("ttds"), stds.codec, monkeypatch) == {"review"}  # STDS: no user IDs to predict

@@ -131,3 +131,28 @@ def test_earlier_profiles_train_end_to_end_static_and_dynamic(bb_dir, tmp_path):
         generative.train(_cfg(bb_dir, "ttss", ["index.options.user_vectors=text"]), ds, tmp_path / "text")
     with pytest.raises(TTDSError, match="RQ-VAE or LSH"):
         generative.train(_cfg(bb_dir, "ttss", ["index.user_source=random"]), ds, tmp_path / "random")
+
+
+def test_user_profile_auto_is_earlier_exactly_for_towers_that_code_item_profiles():
+    from ttds.train.loop import resolve_user_profile
+
+    ds = load_dataset(SMALL)  # the built-in data has user text (reviews)
+    assert ds.has_user_text()
+    cases = [("items", "rqvae", "earlier"), ("items", "lsh", "earlier"), ("items", "random", "all"), ("items", None, "all"),
+             ("text", "rqvae", "all"), ("auto", "rqvae", "all")]  # auto: text here, since the users have text
+    for vectors, user_source, expect in cases:
+        cfg = {"tasks": {"user_profile": "auto"}, "index": {"options": {"user_vectors": vectors}}}
+        assert resolve_user_profile(cfg, ds, user_source) == expect, (vectors, user_source)
+        assert cfg["tasks"]["user_profile"] == expect  # written back: the run's config.yaml records the decision
+    no_text = load_dataset(SMALL)
+    no_text.user_text = None
+    assert not no_text.has_user_text()
+    cfg = {"tasks": {"user_profile": "auto"}, "index": {"options": {"user_vectors": "auto"}}}
+    assert resolve_user_profile(cfg, no_text, "rqvae") == "earlier"  # Games, Scientific: users made from items
+    cfg = {"tasks": {"user_profile": "all"}, "index": {"options": {"user_vectors": "items"}}}
+    assert resolve_user_profile(cfg, ds, "rqvae") == "all"  # an explicit choice is kept
+    with pytest.raises(TTDSError, match="tasks.user_profile='later'"):
+        resolve_user_profile({"tasks": {"user_profile": "later"}}, ds, "rqvae")
+    train = [s[:-2] for s in ds.sequences]
+    with pytest.raises(TTDSError, match="resolve"):  # never silently `all`
+        build_epoch(TaskData(ds, train, None, 4), TaskConfig(user_profile="auto"), np.random.default_rng(0))

@@ -27,7 +27,7 @@ from ttds.tasks import templates as T
 
 _FIELD = re.compile(r"\{(\w+)\}")
 TASKS = ("seqrec", "item2index", "index2item", "userpred", "review")
-USER_PROFILES = ("all", "earlier")
+USER_PROFILES = ("all", "earlier", "auto")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class TaskConfig:
     max_text_tokens: int = 32  # truncation of titles/descriptions/reviews
     eval_template: int = 0  # the fixed sequential-recommendation template reported by evaluation
     # the user ID in a seqrec example: all (the user's one ID, coded from all training items, the targets too: the
-    # paper's way) | earlier (coded from the items before the example's first target: `seqrec_earlier_examples`)
+    # paper's way) | earlier (coded from the items before the example's first target: `seqrec_earlier_examples`) |
+    # auto (earlier when the user tower codes item profiles, else all: `ttds.train.loop.resolve_user_profile`)
     user_profile: str = "all"
 
     def __post_init__(self):
@@ -245,6 +246,8 @@ def review_examples(d: TaskData, n: int, rng: np.random.Generator) -> list[Examp
 
 def build_epoch(d: TaskData, cfg: TaskConfig, rng: np.random.Generator) -> list[Example]:
     """All examples of one epoch: the sequential windows plus the weighted auxiliary tasks."""
+    if cfg.user_profile == "auto":
+        raise TTDSError("config tasks.user_profile=auto: the recipe must resolve it first (ttds.train.loop.resolve_user_profile)")
     seqrec = seqrec_earlier_examples if cfg.user_profile == "earlier" and d.codec.user_tokens is not None else seqrec_examples
     seq = seqrec(d, rng) if cfg.seqrec > 0 else []
     base = max(len(seq), 1)

@@ -29,7 +29,7 @@ from ttds.io import load_safetensors, read_json
 from ttds.models.generative import GenerativeRecommender
 from ttds.tasks import templates
 from ttds.tasks.builders import TaskConfig
-from ttds.train.loop import GenEvalConfig, LMTrainer, load_weights, resolve_seen_items, start
+from ttds.train.loop import GenEvalConfig, LMTrainer, load_weights, resolve_seen_items, resolve_user_profile, start
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,12 @@ class GenerativeTrainer(LMTrainer):
 
 
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
+    ic = section(cfg, "index", RecIndexConfig)
     resolve_seen_items(cfg, ds)
+    resolve_user_profile(cfg, ds, ic.user_source if ic.user else None)
     out, device, split = start(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
     if split is None:
         return read_json(out / "metrics.json")
-    ic = section(cfg, "index", RecIndexConfig)
     backbone = _backbone(cfg, device)
     with dist.main_first():  # under torchrun rank 0 builds and saves the index, the others load it
         if (out / "index.item.json").is_file():  # resuming: the index of the run, not a rebuilt one

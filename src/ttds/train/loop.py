@@ -53,7 +53,7 @@ from ttds.eval.evaluator import evaluate
 from ttds.io import load_safetensors, read_json, save_safetensors, write_json
 from ttds.runtime import machine_info, peak_rss_mb, start_run
 from ttds.tasks import templates
-from ttds.tasks.builders import TaskConfig, TaskData, build_epoch
+from ttds.tasks.builders import USER_PROFILES, TaskConfig, TaskData, build_epoch
 from ttds.train.classic import _load_optim, _optim_tensors
 from ttds.train.engine import bucket_batches, collate, dense_peak_flops, train_flops_per_token, warmup_cosine
 
@@ -115,6 +115,24 @@ def resolve_seen_items(cfg: dict, ds: RecDataset) -> str:
         mode = "exclude" if rate == 0 else "keep"
         log.info("eval.seen_items=auto: %.4f of training targets repeat an item of their %d-item history -> %s", rate, H, mode)
         cfg.setdefault("eval", {})["seen_items"] = mode
+    return mode
+
+
+def resolve_user_profile(cfg: dict, ds: RecDataset, user_source: str | None) -> str:
+    """`tasks.user_profile` as all | earlier, written back into `cfg` like `resolve_seen_items`. `auto` is `earlier`
+    when the model has a user tower that can code any item profile (`user_source` rqvae or lsh, on item-mean user
+    vectors), else `all` (`user_source` None: no user tower; a random tower; users coded from their text)."""
+    from ttds.index.build import index_config, user_vector_source
+
+    tasks = cfg.setdefault("tasks", {})
+    mode = tasks.get("user_profile", "all")
+    if mode not in USER_PROFILES:
+        raise TTDSError(f"config tasks.user_profile={mode!r}: expected one of {', '.join(USER_PROFILES)}")
+    if mode == "auto":
+        vectors = user_vector_source(ds, index_config(cfg)) if user_source in ("rqvae", "lsh") else "-"
+        mode = "earlier" if vectors == "items" else "all"
+        log.info("tasks.user_profile=auto: user tower %s, user vectors from %s -> %s", user_source or "none", vectors, mode)
+        tasks["user_profile"] = mode
     return mode
 
 
