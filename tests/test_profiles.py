@@ -130,7 +130,8 @@ def test_earlier_profiles_train_end_to_end_static_and_dynamic(bb_dir, tmp_path):
     with pytest.raises(TTDSError, match="user_vectors=items"):
         generative.train(_cfg(bb_dir, "ttss", ["index.options.user_vectors=text"]), ds, tmp_path / "text")
     with pytest.raises(TTDSError, match="RQ-VAE or LSH"):
-        generative.train(_cfg(bb_dir, "ttss", ["index.user_source=random"]), ds, tmp_path / "random")
+        dynamic.train(_cfg(bb_dir, "ttds", ["index.user_source=random"]), ds, tmp_path / "random")
+    assert not (tmp_path / "text").exists() and not (tmp_path / "random").exists()  # refused before any index is built
 
 
 def test_user_profile_auto_is_earlier_exactly_for_towers_that_code_item_profiles():
@@ -151,6 +152,13 @@ def test_user_profile_auto_is_earlier_exactly_for_towers_that_code_item_profiles
     assert resolve_user_profile(cfg, no_text, "rqvae") == "earlier"  # Games, Scientific: users made from items
     cfg = {"tasks": {"user_profile": "all"}, "index": {"options": {"user_vectors": "items"}}}
     assert resolve_user_profile(cfg, ds, "rqvae") == "all"  # an explicit choice is kept
+    cfg = {"tasks": {"user_profile": "earlier"}, "index": {"options": {"user_vectors": "items"}}}
+    assert resolve_user_profile(cfg, ds, "lsh") == "earlier"
+    assert resolve_user_profile(cfg, ds, None) == "earlier"  # no user tower: no user IDs, nothing to refuse
+    for vectors, user_source in (("items", "random"), ("text", "rqvae")):  # where `auto` is `all`, `earlier` fails
+        cfg = {"tasks": {"user_profile": "earlier"}, "index": {"options": {"user_vectors": vectors}}}
+        with pytest.raises(TTDSError, match="tasks.user_profile=earlier: needs"):
+            resolve_user_profile(cfg, ds, user_source)
     with pytest.raises(TTDSError, match="tasks.user_profile='later'"):
         resolve_user_profile({"tasks": {"user_profile": "later"}}, ds, "rqvae")
     train = [s[:-2] for s in ds.sequences]

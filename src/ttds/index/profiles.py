@@ -65,13 +65,25 @@ class ProfileIDs:
         return out
 
 
-def item_profile_ids(cfg: dict, ds, index: SemanticIndex, quantiser, item_x: torch.Tensor) -> ProfileIDs:
-    """`ProfileIDs` of a user tower fitted on item-mean user vectors; TTDSError when its users are coded from text."""
+def profile_coding_problem(cfg: dict, ds, user_source: str | None) -> str | None:
+    """None when a user tower of kind `user_source` codes any item profile (an RQ-VAE or LSH fitted on item-mean
+    user vectors), else why not, for an error line. The one rule behind `tasks.user_profile` (auto and earlier)."""
     from ttds.index.build import index_config, user_vector_source
 
+    if user_source not in ("rqvae", "lsh"):
+        return f"needs an RQ-VAE or LSH user tower (index.user_source), this one is {user_source or 'none'}"
     if user_vector_source(ds, index_config(cfg)) != "items":
-        raise TTDSError(f"config tasks.user_profile=earlier: needs user vectors made from items "
-                        f"(index.options.user_vectors=items); {ds.name} users are coded from their text")
+        return (f"needs user vectors made from items (index.options.user_vectors=items); "
+                f"{ds.name} users are coded from their text")
+    return None
+
+
+def item_profile_ids(cfg: dict, ds, index: SemanticIndex, quantiser, item_x: torch.Tensor,
+                     user_source: str = "rqvae") -> ProfileIDs:
+    """`ProfileIDs` of a user tower fitted on item-mean user vectors; TTDSError when it cannot code item profiles."""
+    why = profile_coding_problem(cfg, ds, user_source)
+    if why:
+        raise TTDSError(f"config tasks.user_profile=earlier: {why}")
     return ProfileIDs(index, quantiser, item_x)
 
 
@@ -83,8 +95,8 @@ def static_profile_ids(cfg: dict, ds, run_dir: str | Path, index: SemanticIndex,
 
     folder = Path(run_dir) / "tokenizer.user"
     kind = read_json(folder / "config.json").get("kind") if (folder / "config.json").is_file() else None
-    if kind not in ("rqvae", "lsh"):
-        raise TTDSError(f"config tasks.user_profile=earlier: needs an RQ-VAE or LSH user tower (index.user_source), "
-                        f"{folder} holds {kind or 'none'}")
+    why = profile_coding_problem(cfg, ds, kind)
+    if why:
+        raise TTDSError(f"config tasks.user_profile=earlier: {why} ({folder})")
     x, _, _ = tower_vectors(ds, "item", index_config(cfg), encoder_for(encoder, index_config(cfg)))
-    return item_profile_ids(cfg, ds, index, load_index(folder)[1], x)
+    return item_profile_ids(cfg, ds, index, load_index(folder)[1], x, kind)

@@ -120,18 +120,21 @@ def resolve_seen_items(cfg: dict, ds: RecDataset) -> str:
 
 def resolve_user_profile(cfg: dict, ds: RecDataset, user_source: str | None) -> str:
     """`tasks.user_profile` as all | earlier, written back into `cfg` like `resolve_seen_items`. `auto` is `earlier`
-    when the model has a user tower that can code any item profile (`user_source` rqvae or lsh, on item-mean user
-    vectors), else `all` (`user_source` None: no user tower; a random tower; users coded from their text)."""
-    from ttds.index.build import index_config, user_vector_source
+    when the model's user tower can code any item profile (`ttds.index.profiles.profile_coding_problem`: rqvae or
+    lsh on item-mean user vectors), else `all`. An explicit `earlier` that the tower cannot serve fails here, before
+    any index is built (`user_source` None, no user tower: no user IDs, so `earlier` changes nothing)."""
+    from ttds.index.profiles import profile_coding_problem
 
     tasks = cfg.setdefault("tasks", {})
     mode = tasks.get("user_profile", "all")
     if mode not in USER_PROFILES:
         raise TTDSError(f"config tasks.user_profile={mode!r}: expected one of {', '.join(USER_PROFILES)}")
+    why = "no user tower" if user_source is None else profile_coding_problem(cfg, ds, user_source)
+    if mode == "earlier" and user_source is not None and why:
+        raise TTDSError(f"config tasks.user_profile=earlier: {why}")
     if mode == "auto":
-        vectors = user_vector_source(ds, index_config(cfg)) if user_source in ("rqvae", "lsh") else "-"
-        mode = "earlier" if vectors == "items" else "all"
-        log.info("tasks.user_profile=auto: user tower %s, user vectors from %s -> %s", user_source or "none", vectors, mode)
+        mode = "all" if why else "earlier"
+        log.info("tasks.user_profile=auto: user tower %s -> %s%s", user_source or "none", mode, f" ({why})" if why else "")
         tasks["user_profile"] = mode
     return mode
 
