@@ -73,6 +73,33 @@ def test_rqvae_step_budget_is_whole_epochs_and_reproducible():
     assert m.history["epochs"] == 5
 
 
+def test_rqvae_fit_is_bit_reproducible_on_two_threads():
+    """The fit depends only on (x, cfg): not on the global RNG, nor on how 2 threads interleave. Batches of 512 x 128
+    are past torch's parallel grain, where the codebook gradient (index_put with accumulate) adds in thread order
+    unless `setup_torch` turns on deterministic algorithms (without it the codes differed from run to run)."""
+    from ttds.runtime import setup_torch
+
+    x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(1))
+    cfg = RQVAEConfig(levels=2, codebook_size=16, code_dim=128, hidden=[64], batch_size=512, epochs=8, max_steps=0,
+                      kmeans_iters=3)
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    try:
+        setup_torch({"threads": 2})
+        assert torch.are_deterministic_algorithms_enabled()  # the default
+        fits = []
+        for noise in range(2):
+            torch.randn(noise + 1)  # a different global RNG state before each fit
+            m = RQVAE(64, cfg).fit(x, progress=False)
+            fits.append((m.encode(x), [p.detach().clone() for p in m.parameters()]))
+        assert torch.equal(fits[0][0], fits[1][0])
+        assert all(torch.equal(a, b) for a, b in zip(fits[0][1], fits[1][1]))
+        with pytest.raises(TTDSError, match="config deterministic="):
+            setup_torch({"deterministic": "yes"})
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
 @pytest.mark.parametrize("strategy", ["ttds", "lcrec"])
 def test_collision_handling_makes_ids_unique(env, strategy):
     ds, bb = env

@@ -3,6 +3,7 @@ user ID is coded from the items before its first target, never from the targets.
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from _generative_fixtures import tiny_backbone_dir
 from ttds.backbone import Backbone, BackboneConfig
@@ -126,6 +127,13 @@ def test_earlier_profiles_train_end_to_end_static_and_dynamic(bb_dir, tmp_path):
     assert generative.train(_cfg(bb_dir, "ttss"), ds, tmp_path / "ttss")["steps"] == 2
     m = dynamic.train(_cfg(bb_dir, "ttds"), ds, tmp_path / "ttds")  # re-assigned after step 1: IDs re-coded
     assert m["steps"] == 2 and len(m["reassignments"]) == 1
+    # the same config and seed: the same run, bit for bit (tokenizers, codes, LM weights, metrics)
+    again = dynamic.train(_cfg(bb_dir, "ttds"), ds, tmp_path / "ttds2")
+    assert again["test"] == m["test"] and again["reassignments"][0]["item"] == m["reassignments"][0]["item"]
+    for name in ("index.item.json", "index.user.json"):
+        assert (tmp_path / "ttds" / name).read_text() == (tmp_path / "ttds2" / name).read_text()
+    a, b = load_file(tmp_path / "ttds" / "model.safetensors"), load_file(tmp_path / "ttds2" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # users coded from their text cannot be coded from item profiles: one clear line
     with pytest.raises(TTDSError, match="user_vectors=items"):
         generative.train(_cfg(bb_dir, "ttss", ["index.options.user_vectors=text"]), ds, tmp_path / "text")

@@ -24,7 +24,12 @@ def set_seed(seed: int) -> None:
 
 
 def setup_torch(cfg: dict):
-    """Threads and device from the config; returns a torch.device."""
+    """Threads, determinism and device from the config; returns a torch.device.
+
+    `deterministic` (default true) turns on torch's deterministic algorithms. Without it, gradients that
+    accumulate into indexed rows (`codebook[codes]` in the RQ-VAE, index_put with accumulate on CPU) sum in
+    thread order when threads > 1, and an RQ-VAE fit on 2 threads gave different codes for every item from run
+    to run (benchmarks/results/LOG.md, session 15). Ops without a deterministic version warn instead of failing."""
     import torch
 
     threads = int(cfg.get("threads") or 0)
@@ -35,6 +40,14 @@ def setup_torch(cfg: dict):
         from ttds.errors import TTDSError
 
         raise TTDSError(f"config device={device!r}: CUDA is not available on this machine; use device=cpu")
+    deterministic = cfg.get("deterministic", True)
+    if not isinstance(deterministic, bool):
+        from ttds.errors import TTDSError
+
+        raise TTDSError(f"config deterministic={deterministic!r}: expected true or false")
+    if deterministic and device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return torch.device(device)
 
 

@@ -127,11 +127,13 @@ class RQVAE(nn.Module):
         self.cfg = cfg
         self.in_dim = in_dim
         sizes = [in_dim, *cfg.hidden_layers(in_dim), cfg.code_dim]
-        self.encoder = mlp(sizes, cfg.dropout)
-        self.decoder = mlp(sizes[::-1], cfg.dropout)
-        self.codebooks = nn.ParameterList(
-            [nn.Parameter(torch.randn(cfg.codebook_size, cfg.code_dim) / math.sqrt(cfg.code_dim)) for _ in range(cfg.levels)]
-        )
+        with torch.random.fork_rng(devices=[]):  # the initial weights follow cfg.seed, not what ran before
+            torch.manual_seed(cfg.seed)
+            self.encoder = mlp(sizes, cfg.dropout)
+            self.decoder = mlp(sizes[::-1], cfg.dropout)
+            self.codebooks = nn.ParameterList(
+                [nn.Parameter(torch.randn(cfg.codebook_size, cfg.code_dim) / math.sqrt(cfg.code_dim)) for _ in range(cfg.levels)]
+            )
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_scale", torch.ones(()))
 
