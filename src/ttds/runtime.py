@@ -32,18 +32,16 @@ def setup_torch(cfg: dict):
     to run (benchmarks/results/LOG.md, session 15). Ops without a deterministic version warn instead of failing."""
     import torch
 
+    from ttds.errors import TTDSError
+
     threads = int(cfg.get("threads") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
     device = str(cfg.get("device") or "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from ttds.errors import TTDSError
-
         raise TTDSError(f"config device={device!r}: CUDA is not available on this machine; use device=cpu")
     deterministic = cfg.get("deterministic", True)
     if not isinstance(deterministic, bool):
-        from ttds.errors import TTDSError
-
         raise TTDSError(f"config deterministic={deterministic!r}: expected true or false")
     if deterministic and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
