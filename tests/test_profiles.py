@@ -129,7 +129,11 @@ def test_earlier_profiles_train_end_to_end_static_and_dynamic(bb_dir, tmp_path):
     assert m["steps"] == 2 and len(m["reassignments"]) == 1
     # the same config and seed: the same run, bit for bit (tokenizers, codes, LM weights, metrics)
     again = dynamic.train(_cfg(bb_dir, "ttds"), ds, tmp_path / "ttds2")
-    assert again["test"] == m["test"] and again["reassignments"][0]["item"] == m["reassignments"][0]["item"]
+    def scores(metrics):  # the test metrics without their timings
+        return {k: v for k, v in metrics["test"].items() if not k.endswith("seconds")}
+
+    assert scores(again) == scores(m) and len(scores(m)) >= 5
+    assert again["reassignments"][0]["item"] == m["reassignments"][0]["item"]
     for name in ("index.item.json", "index.user.json"):
         assert (tmp_path / "ttds" / name).read_text() == (tmp_path / "ttds2" / name).read_text()
     a, b = load_file(tmp_path / "ttds" / "model.safetensors"), load_file(tmp_path / "ttds2" / "model.safetensors")
