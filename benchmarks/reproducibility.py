@@ -24,16 +24,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ttds.bench.suites import DEMO_GEN  # the generative budgets of `make demo`
 from ttds.io import write_json, write_text
 from ttds.runtime import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ["train.epochs=3", "index.options.rqvae.max_steps=600", "index.options.max_text_tokens=32", "train.valid_users=100",
-        "eval.template_mean_users=-1", "eval.final_valid=false"]  # the generative budgets of `make demo`
 
 
 def train(model: str, data: str, threads: int, steps: int, deterministic: bool, out: Path, extra: list[str]) -> dict:
-    sets = [*DEMO, f"train.max_steps={steps}", f"train.eval_steps={steps}", f"threads={threads}",
+    sets = [*DEMO_GEN, f"train.max_steps={steps}", f"train.eval_steps={steps}", f"threads={threads}",
             f"deterministic={str(deterministic).lower()}", *extra]
     cmd = [sys.executable, "-m", "ttds", "train", "--model", model, "--data", data, "--out", str(out)]
     cmd += [a for s in sets for a in ("--set", s)]
