@@ -31,6 +31,9 @@ def hf_adapter(rec):
 
     import copy
 
+    # the output's KV-cache field: `cache` from transformers 5.24 on, `past_key_values` before
+    CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
     base_config = copy.deepcopy(rec.backbone.hf_model.config)  # HF edits the config it is given
 
     class Adapter(PreTrainedModel, GenerationMixin):
@@ -49,7 +52,8 @@ def hf_adapter(rec):
             return self.rec.backbone.hf_model.get_input_embeddings()
 
         def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=True,
-                    cache_position=None, **kwargs):
+                    cache_position=None, cache=None, **kwargs):
+            past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             if attention_mask is None or attention_mask.shape[1] != past + input_ids.shape[1]:
                 # HF hands only the new tokens' mask slice during decoding; prompts here are unpadded
@@ -65,7 +69,7 @@ def hf_adapter(rec):
                 m = group == g
                 s, k = self.rec.n_words + self.rec.offsets[g], self.rec.groups[g][2]
                 logits[m, 0, s:s + k] = self.rec.level_logits(h[m, -1], g).float()
-            return CausalLMOutputWithPast(logits=logits, past_key_values=pkv)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: pkv})
 
     return Adapter().eval()
 

@@ -94,6 +94,30 @@ def test_any_local_llama_folder(tmp_path, minilm):
     assert h.shape == (1, 3, 32) and past is not None
 
 
+def test_kv_cache_under_both_transformers_names():
+    """transformers 5.24 renamed the forward argument and output field `past_key_values` to `cache`; run_body
+    passes and reads the cache under whichever name the installed model takes."""
+    from types import SimpleNamespace
+
+    from ttds.backbone.backbone import run_body
+
+    class NewBody(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=False, return_dict=True):
+            return SimpleNamespace(last_hidden_state=input_ids.float(), cache=(cache or 0) + 1 if use_cache else None)
+
+    class OldBody(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False, return_dict=True):
+            return SimpleNamespace(last_hidden_state=input_ids.float(),
+                                   past_key_values=(past_key_values or 0) + 1 if use_cache else None)
+
+    x = torch.ones(1, 2, dtype=torch.long)
+    for body in (NewBody(), OldBody()):
+        h, cache = run_body(body, input_ids=x, use_cache=True)
+        assert h.shape == (1, 2) and cache == 1
+        assert run_body(body, cache=cache, use_cache=True, input_ids=x)[1] == 2  # the cache went in
+        assert run_body(body, input_ids=x).shape == (1, 2)
+
+
 def test_causal_bert_option():
     bb = Backbone.load(BackboneConfig(causal=True))
     assert bb.is_causal_lm and bb.body.config.is_decoder

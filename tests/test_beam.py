@@ -141,3 +141,20 @@ def test_excluded_items_are_searched_around(model):
         assert all(0 <= e < n for e in row) and len(set(row)) == 4 and not set(row) & set(ex)
     batched, _ = beam_search_prompts(model, prompts, model.trie, 0, beam=4, k=4, batch=2, exclude=exclude)
     assert torch.equal(batched, ent)
+
+
+def test_hf_generate_adapter_agrees_with_the_engine(model):
+    """benchmarks/beam_vs_hf.py compares this engine with transformers' `generate(num_beams=...)`; its adapter
+    must keep working across transformers versions (the KV-cache argument was renamed in 5.24)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("beam_vs_hf", Path(__file__).parents[1] / "benchmarks" / "beam_vs_hf.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    adapter = bench.hf_adapter(model)
+    prompts = [model.codec.seqrec_prompt(0, [1, 2, 3]), model.codec.seqrec_prompt(3, [5])]
+    with torch.no_grad():
+        ours, _ = beam_search(model, prompts, model.trie, 0, beam=8, k=5)
+        for p, row in zip(prompts, ours.tolist()):
+            assert bench.hf_recommend(adapter, model, np.asarray(p), 8, 5) == row

@@ -15,6 +15,8 @@ bidirectionally), so it needs fine-tuning before its predictions mean anything.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,11 +136,9 @@ class Backbone:
 
     # ------------------------------------------------------------------ encoding
 
-    def hidden_states(self, input_ids, attention_mask=None, past_key_values=None, use_cache: bool = False):
+    def hidden_states(self, input_ids, attention_mask=None, cache=None, use_cache: bool = False):
         """Last hidden states [b, t, d] of the transformer body; with use_cache also the KV cache."""
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                        use_cache=use_cache, return_dict=True)
-        return (out.last_hidden_state, out.past_key_values) if use_cache else out.last_hidden_state
+        return run_body(self.body, cache=cache, use_cache=use_cache, input_ids=input_ids, attention_mask=attention_mask)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.cfg.pooling == "cls":
@@ -274,3 +274,26 @@ class Backbone:
             bb.tokenizer.pad_token = bb.tokenizer.eos_token or bb.tokenizer.unk_token
         bb.model.eval()
         return bb
+
+
+# ---------------------------------------------------------------------- KV cache across transformers versions
+
+
+@functools.lru_cache(maxsize=None)
+def cache_kwarg(forward_owner: type) -> str:
+    """Name of the KV-cache argument of a transformers model's forward: `cache` (transformers >= 5.24, where
+    `past_key_values` is deprecated) or `past_key_values` (earlier versions)."""
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a transformers model output under either name (see `cache_kwarg`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def run_body(body, cache=None, use_cache: bool = False, **inputs):
+    """One forward of a transformer body (BertModel, LlamaModel ...): its last hidden states, and with
+    use_cache also its KV cache. Passes the cache under the installed transformers' argument name."""
+    out = body(**inputs, **{cache_kwarg(type(body)): cache}, use_cache=use_cache, return_dict=True)
+    return (out.last_hidden_state, output_cache(out)) if use_cache else out.last_hidden_state

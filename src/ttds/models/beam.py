@@ -133,7 +133,7 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
     if S:
         attn = torch.cat([attn.new_ones(B, S), attn], 1)  # [prefix | padding | own tokens]
         P += S
-    h, cache = model.hidden(ids, attn, pos, past_key_values=cache, use_cache=True)
+    h, cache = model.hidden(ids, attn, pos, cache=cache, use_cache=True)
     logp = torch.log_softmax(model.level_logits(h[:, -1], group0).float(), -1)
     node = trie.root(B)
     excl = trie.excluded(exclude) if exclude is not None else None
@@ -157,7 +157,7 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
         allowed[:, :, :P] = prompt_mask.unsqueeze(1)
         allowed.scatter_(2, anc[:, sel], True)
         allowed[:, torch.arange(n, device=device), cur + torch.arange(n, device=device)] = True
-        h, cache = model.hidden(tok, allowed.unsqueeze(1), (pos[:, -1:] + t).expand(B, n), past_key_values=cache, use_cache=True)
+        h, cache = model.hidden(tok, allowed.unsqueeze(1), (pos[:, -1:] + t).expand(B, n), cache=cache, use_cache=True)
         cur += n
         logp = torch.log_softmax(model.level_logits(h, group0 + t).float(), -1)  # [B, n, K]
         ok = trie.allowed(node.view(B, W)[:, sel].reshape(-1), t, brow.repeat_interleave(n), excl)

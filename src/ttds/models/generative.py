@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttds.backbone.backbone import run_body
 from ttds.errors import TTDSError
 from ttds.index.base import SemanticIndex
 from ttds.index.trie import IDTrie
@@ -105,10 +106,9 @@ class GenerativeRecommender(nn.Module):
         idv = self.id_table()[(ids - self.n_words).clamp(min=0)]
         return torch.where((ids >= self.n_words).unsqueeze(-1), idv.to(words.dtype), words)
 
-    def hidden(self, ids, attention_mask, position_ids, past_key_values=None, use_cache: bool = False):
-        out = self.backbone.body(inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=use_cache, return_dict=True)
-        return (out.last_hidden_state, out.past_key_values) if use_cache else out.last_hidden_state
+    def hidden(self, ids, attention_mask, position_ids, cache=None, use_cache: bool = False):
+        return run_body(self.backbone.body, cache=cache, use_cache=use_cache, inputs_embeds=self.embed(ids),
+                        attention_mask=attention_mask, position_ids=position_ids)
 
     def level_logits(self, h: torch.Tensor, group: int, transformed: bool = False) -> torch.Tensor:
         """Logits over the K tokens of ID group `group` (a tower's level) only."""
