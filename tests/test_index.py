@@ -100,6 +100,20 @@ def test_rqvae_fit_is_bit_reproducible_on_two_threads():
         torch.use_deterministic_algorithms(before[1])
 
 
+def test_rqvae_leaves_the_callers_rng_alone():
+    """Building and fitting a tokenizer (its own seed) must not reset the global RNG: what a run initialises
+    afterwards (ID embeddings ...) follows the run's seed, so runs with different seeds start differently."""
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(1))
+    cfg = RQVAEConfig(levels=2, codebook_size=8, code_dim=16, hidden=[32], epochs=2, max_steps=0, kmeans_iters=2)
+    after = []
+    for fit in (False, True):
+        torch.manual_seed(7)
+        if fit:
+            RQVAE(32, cfg).fit(x, progress=False)
+        after.append(torch.rand(4))
+    assert torch.equal(after[0], after[1])
+
+
 @pytest.mark.parametrize("strategy", ["ttds", "lcrec"])
 def test_collision_handling_makes_ids_unique(env, strategy):
     ds, bb = env

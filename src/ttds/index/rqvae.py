@@ -237,11 +237,16 @@ class RQVAE(nn.Module):
 
 def train_rqvae(model: RQVAE, x: torch.Tensor, cfg: RQVAEConfig | None = None, progress: bool = True) -> dict:
     """Fit `model` on embeddings x [n, d]; returns a small history (losses per epoch, time)."""
+    cfg = cfg or model.cfg
+    with torch.random.fork_rng(devices=[]):  # the fit (dropout) follows cfg.seed and leaves the caller's RNG as it was,
+        torch.manual_seed(cfg.seed)          # so the run's seed, not the index's, decides what is initialised next
+        return _fit(model, x, cfg, progress)
+
+
+def _fit(model: RQVAE, x: torch.Tensor, cfg: RQVAEConfig, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    cfg = cfg or model.cfg
     g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     x = x.float()
     model.set_input_stats(x)
     start = time.perf_counter()
