@@ -146,6 +146,15 @@ def test_cli_train_eval_bench(tmp_path, capsys):
     assert "Over seeds" in md and "| HGN | 1, 2 | " in md and " ± " in md
     run2 = tmp_path / "b" / "classic-builtin" / "HGN-s2"
     assert (run2 / "metrics.json").is_file() and "seed: 2" in (run2 / "config.yaml").read_text()
+    # every test evaluation keeps each user's rank: `ttds compare` pairs two runs user by user
+    runs = [tmp_path / "b" / "classic-builtin" / f"HGN-s{s}" for s in (1, 2)]
+    assert run_cli(["compare", str(runs[0]), str(runs[1]), "--metric", "NDCG@10", "--json", str(tmp_path / "c.json")]) in (0, None)
+    text = capsys.readouterr().out
+    c = json.loads((tmp_path / "c.json").read_text())["pairs"][0]["metrics"]["NDCG@10"]
+    assert "HGN-s2 vs HGN-s1" in text and c["a"] == pytest.approx(j["rows"][1]["test"]["NDCG@10"])
+    assert c["b"] == pytest.approx(j["rows"][2]["test"]["NDCG@10"])
+    assert run_cli(["compare", str(runs[0]), str(runs[1]), "--metric", "NDCG"]) == 2
+    assert "--metric 'NDCG': expected HR@k, NDCG@k or MRR" in capsys.readouterr().err
     assert run_cli(["bench", "classic", "--data", data, "--seeds", "4,x"]) == 2
     assert "--seeds '4,x': expected comma-separated integers" in capsys.readouterr().err
 

@@ -170,6 +170,12 @@ def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path, monkeypatch):
         assert (out / f).exists(), f
     r = eval_model(out, "builtin:users=40,items=30,seed=2")
     assert r["metrics"]["NDCG@10"] == pytest.approx(metrics["test"]["NDCG@10"])
+    # per-user ranks from training's test and from `ttds eval`: the same model gives every user the same rank
+    from ttds.eval.compare import compare, load_ranks
+
+    same = compare([out], [out / "eval-builtin-test.ranks.safetensors"], ("NDCG@10", "HR@1"))["pairs"][0]["metrics"]
+    assert same["NDCG@10"]["b_ahead"] == same["NDCG@10"]["b_behind"] == 0 and same["HR@1"]["n"] == 40
+    assert load_ranks(out)["k"] == 10
     assert r["seen_items"] == "keep"
     # `ttds eval --set eval.seen_items=auto`: the built-in data never repeats an item -> the model excludes history
     r = eval_model(out, "builtin:users=40,items=30,seed=2", overrides=["eval.seen_items=auto"])

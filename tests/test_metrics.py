@@ -116,3 +116,47 @@ def test_seen_at_1_counts_users_whose_top_item_is_in_their_history():
     assert evaluate(Fixed(), ev, progress=False)["seen@1"] == pytest.approx(1 / 3)
     assert evaluate(Lists(), ev, progress=False)["seen@1"] == pytest.approx(1 / 3)  # tops 3, 2 (seen), none
     assert "seen@1" not in evaluate(Fixed(), ev, mask_seen=True, progress=False)
+
+
+def _ranks_file(path, ranks, users=None, targets=None, k=10):
+    from ttds.data.dataset import EvalSet
+    from ttds.eval.evaluator import save_ranks
+
+    n = len(ranks)
+    users = np.arange(n) if users is None else np.asarray(users)
+    targets = np.arange(n) % 7 if targets is None else np.asarray(targets)
+    save_ranks(path, EvalSet(users, np.zeros((n, 3), dtype=np.int64), targets), np.asarray(ranks), k)
+    return path
+
+
+def test_paired_comparison_of_two_rank_files(tmp_path):
+    from ttds.errors import TTDSError
+    from ttds.eval.compare import compare, format_compare
+    from ttds.eval.metrics import per_user
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 30, 2000)
+    base[base >= 10] = MISS
+    better = np.where(rng.random(2000) < 0.3, 0, base)  # 30 % of users get the target first
+    a = _ranks_file(tmp_path / "a.safetensors", base)
+    b = _ranks_file(tmp_path / "b.safetensors", better)
+    assert per_user(base, "NDCG@10").mean() == pytest.approx(metrics_from_ranks(base)["NDCG@10"])
+    same = compare([a], [a], ("NDCG@10", "HR@1"))["pairs"][0]["metrics"]
+    assert same["NDCG@10"]["diff"] == 0 and same["NDCG@10"]["p"] == 1 and same["HR@1"]["b_ahead"] == 0
+    r = compare([a], [b], ("NDCG@10", "HR@1", "MRR"))["pairs"][0]["metrics"]
+    assert r["HR@1"]["diff"] == pytest.approx((better == 0).mean() - (base == 0).mean())
+    assert r["HR@1"]["lo"] > 0 and r["HR@1"]["p"] < 1e-6 and r["HR@1"]["b_behind"] == 0
+    noise = _ranks_file(tmp_path / "n.safetensors", rng.permutation(base))  # same distribution, reshuffled users
+    assert compare([a], [noise], ("NDCG@10",))["pairs"][0]["metrics"]["NDCG@10"]["p"] > 0.01
+    two = compare([a, noise], [b, b], ("NDCG@10",))
+    assert two["pooled"]["NDCG@10"]["n"] == 4000 and "pooled (2 pairs)" in format_compare(two)
+    # the same users and targets or a clear error; no @k beyond what was searched
+    other_users = _ranks_file(tmp_path / "u.safetensors", base, targets=np.arange(2000) % 5)
+    with pytest.raises(TTDSError, match="different users or targets"):
+        compare([a], [other_users])
+    with pytest.raises(TTDSError, match="holds ranks up to 10 only"):
+        compare([a], [b], ("HR@20",))
+    with pytest.raises(TTDSError, match="no ranks-test.safetensors"):
+        compare([tmp_path], [b])
+    with pytest.raises(TTDSError, match="same, non-zero length"):
+        compare([a, b], [b])

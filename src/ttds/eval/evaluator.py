@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from ttds import dist
 from ttds.data.dataset import EvalSet
-from ttds.eval.metrics import metrics_from_ranks, ranks_from_lists, ranks_from_scores
-from ttds.io import write_json
+from ttds.eval.metrics import MISS, metrics_from_ranks, ranks_from_lists, ranks_from_scores
+from ttds.io import save_safetensors, write_json
 from ttds.models.base import has_recommend, has_scores
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,14 @@ def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10,
 
 
 def evaluate(model, evalset: EvalSet, batch_size: int = 1024, ks=(1, 5, 10), mask_seen: bool = False,
-             device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval") -> dict:
-    """Metrics over `evalset` plus `n` (users), `eval_seconds` (wall) and `eval_cpu_seconds` (this process)."""
+             device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval",
+             ranks_to: str | Path | None = None) -> dict:
+    """Metrics over `evalset` plus `n` (users), `eval_seconds` (wall) and `eval_cpu_seconds` (this process).
+    `ranks_to`: also write every user's rank there (`save_ranks`), for paired comparisons (`ttds compare`)."""
     t0, c0 = time.perf_counter(), time.process_time()
     ranks, seen1 = evaluate_ranks(model, evalset, batch_size, max(ks), mask_seen, device, progress, desc, return_seen_top1=True)
+    if ranks_to is not None and dist.is_main():
+        save_ranks(ranks_to, evalset, ranks, max(ks))
     out = metrics_from_ranks(ranks, ks)
     if not mask_seen:  # share of users whose first recommendation is an item they already have
         out["seen@1"] = float(seen1.mean()) if len(seen1) else 0.0
@@ -76,6 +80,15 @@ def evaluate(model, evalset: EvalSet, batch_size: int = 1024, ks=(1, 5, 10), mas
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
     out["eval_cpu_seconds"] = round(time.process_time() - c0, 2)
     return out
+
+
+def save_ranks(path: str | Path, evalset: EvalSet, ranks: np.ndarray, k: int) -> None:
+    """Per user of `evalset`: user id, target item and the target's 0-based rank (MISS beyond the k searched;
+    a scoring model's ranks are exact at any depth), as safetensors (atomic)."""
+    save_safetensors(path, {"users": torch.as_tensor(np.asarray(evalset.users), dtype=torch.long),
+                            "targets": torch.as_tensor(np.asarray(evalset.target), dtype=torch.long),
+                            "ranks": torch.as_tensor(np.asarray(ranks), dtype=torch.long)},
+                     {"k": str(int(k)), "miss": str(MISS)})
 
 
 METRIC_ORDER = ("HR@1", "HR@5", "HR@10", "NDCG@1", "NDCG@5", "NDCG@10", "MRR", "seen@1")

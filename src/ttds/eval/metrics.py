@@ -62,17 +62,21 @@ def ranks_from_lists(lists, targets, n_items: int) -> np.ndarray:
     return out
 
 
+def per_user(ranks, metric: str) -> np.ndarray:
+    """One user's value of `metric` ("HR@k", "NDCG@k" or "MRR") for each 0-based rank, [n] float64."""
+    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+    if metric == "MRR":
+        return 1.0 / (r + 1.0)
+    name, _, k = metric.partition("@")
+    if name not in ("HR", "NDCG") or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"metric {metric!r}: expected HR@k, NDCG@k or MRR")
+    hit = r < int(k)
+    return hit.astype(np.float64) if name == "HR" else np.where(hit, 1.0 / np.log2(np.minimum(r, int(k)) + 2.0), 0.0)
+
+
 def metrics_from_ranks(ranks, ks=(1, 5, 10)) -> dict[str, float]:
     """HR@k and NDCG@k for each k, and MRR, averaged over users."""
-    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
-    if r.size == 0:
+    if np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks).size == 0:
         raise ValueError("no ranks to average")
-    out: dict[str, float] = {}
-    for k in ks:
-        hit = r < k
-        out[f"HR@{k}"] = float(hit.mean())
-    for k in ks:
-        hit = r < k
-        out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(np.minimum(r, k) + 2.0), 0.0).mean())
-    out["MRR"] = float((1.0 / (r + 1.0)).mean())
-    return out
+    names = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
+    return {m: float(per_user(ranks, m).mean()) for m in names}

@@ -13,7 +13,8 @@ Recipe interface (see `ttds.recipes`): `train(cfg, ds, out_dir) -> metrics` and 
   after `patience` validations without improvement, `max_minutes` wall-clock budget.
 - Files in out_dir: model.safetensors (best weights) + model.json, last.safetensors (weights,
   optimizer state and the trainer state in its metadata, one atomic file), state.json (readable
-  copy), metrics.json (valid + test of the best model, timings, peak RSS, machine).
+  copy), metrics.json (valid + test of the best model, timings, peak RSS, machine), ranks-test.safetensors
+  (every test user's rank of the target, for `ttds compare`).
 - Stop early: create out_dir/STOP; the run validates, checkpoints and tests as if out of time
   (delete STOP before resuming).
 - Resume: running the same command again continues from last.safetensors. Every epoch reseeds
@@ -305,7 +306,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         save_checkpoint(out, model, opt, state)
     dist.barrier()  # model.safetensors is written
     best = load(out, device)
-    test = evaluate(best, split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test")
+    test = evaluate(best, split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test", ranks_to=out / "ranks-test.safetensors")
     # validation metrics of the best model, as measured when it was chosen (evaluation is deterministic)
     valid = next(h["valid"] for h in state["history"] if h["epoch"] == state["best_epoch"] and "valid" in h)
     secs = state["epoch_seconds"]

@@ -30,7 +30,8 @@ def train_model(model: str, data: str, out: Path | None = None, config: str | No
 
 def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool = False,
                overrides: list[str] | None = None, quantize: str = "none") -> dict:
-    """Full-ranking metrics of a saved model on one split, written to eval-<dataset>-<split>[-exclude_seen][-int8].json.
+    """Full-ranking metrics of a saved model on one split, written to eval-<dataset>-<split>[-exclude_seen][-int8].json
+    (and every user's rank to the same name with .ranks.safetensors, for `ttds compare`).
     `quantize="int8"`: a generative model's LM runs with dynamic int8 Linear layers (`ttds.serve.engine.quantize_int8`,
     as `ttds serve --quantize int8` does): faster on the CPU, but its rankings differ, so the file says so."""
     from ttds.config import set_path, parse_override
@@ -61,15 +62,16 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
         model.exclude_seen = resolve_seen_items(cfg, ds) == "exclude"
     sp = leave_one_out(ds, int(cfg["data"]["max_history"]))
     ev = cfg.get("eval") or {}
+    rule = "-exclude_seen" if getattr(model, "exclude_seen", False) else ""
+    q = "" if quantize == "none" else f"-{quantize}"
+    stem = Path(model_dir) / f"eval-{ds.name}-{split}{rule}{q}"
     m = evaluate(model, getattr(sp, split), int(ev.get("batch_size", 1024)), tuple(ev.get("ks", (1, 5, 10))),
-                 bool(ev.get("mask_seen", False)), device, desc=split)
+                 bool(ev.get("mask_seen", False)), device, desc=split, ranks_to=stem.with_suffix(".ranks.safetensors"))
     result = {"model": cfg.get("name"), "dataset": ds.name, "split": split, "mask_seen": bool(ev.get("mask_seen", False)),
               "seen_items": ev.get("seen_items", "keep") if hasattr(model, "exclude_seen") else None,
               "quantize": quantize, "metrics": m, "machine": machine_info()}
     if env_rank() == 0:  # under torchrun every rank holds the gathered metrics; one writes them
-        rule = "-exclude_seen" if getattr(model, "exclude_seen", False) else ""
-        q = "" if quantize == "none" else f"-{quantize}"
-        write_json(Path(model_dir) / f"eval-{ds.name}-{split}{rule}{q}.json", result)
+        write_json(stem.with_suffix(".json"), result)
     return result
 
 
@@ -124,6 +126,27 @@ def register(app: typer.Typer) -> None:
             if r.get("seen_items") == "exclude":
                 typer.echo("(the model's own rule eval.seen_items=exclude: it never recommends a history item)")
             typer.echo(f"{r['metrics']['n']} users, {r['metrics']['eval_seconds']} s")
+
+    @app.command("compare")
+    def compare_cmd(
+        base: str = typer.Argument(..., help="Run folder or ranks file; several, comma-separated, are paired by position (seeds)."),
+        other: str = typer.Argument(..., help="The same for the model compared with base."),
+        metric: Optional[list[str]] = typer.Option(None, "--metric", help="HR@k, NDCG@k or MRR (repeatable; default NDCG@10, HR@10, HR@1)."),
+        split: str = typer.Option("test", "--split", help="Which ranks-<split>.safetensors of a run folder."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the statistics to this JSON file."),
+    ):
+        """Paired per-user comparison of two models on the same users: mean difference, 95 % CI, p-value."""
+        from ttds.eval.compare import DEFAULT_METRICS, compare, format_compare
+        from ttds.io import write_json
+
+        metrics = tuple(metric or DEFAULT_METRICS)
+        for m in metrics:
+            if not (m == "MRR" or (m.partition("@")[0] in ("HR", "NDCG") and m.partition("@")[2].isdigit() and int(m.partition("@")[2]) >= 1)):
+                raise TTDSError(f"--metric {m!r}: expected HR@k, NDCG@k or MRR")
+        result = compare([p for p in base.split(",") if p], [p for p in other.split(",") if p], metrics, split)
+        typer.echo(format_compare(result))
+        if json_out:
+            write_json(json_out, result)
 
     @app.command("bench")
     def bench_cmd(

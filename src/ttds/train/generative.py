@@ -12,7 +12,8 @@ static index and its optimizer groups.
 
 Files in out_dir: config.yaml (resolved), run.log, index.item.json (+ .meta.json; index.user.json),
 tokenizer/, model.safetensors (best weights), last.safetensors (weights + optimizer + RNG + trainer
-state: running the same command again resumes exactly), state.json, metrics.json.
+state: running the same command again resumes exactly), state.json, metrics.json, ranks-test.safetensors
+(every test user's rank of the target, for `ttds compare`; ranks-valid too with eval.final_valid).
 """
 from __future__ import annotations
 

@@ -518,9 +518,11 @@ class LMTrainer:
         s, ec, ks, device = self.state, self.ec, self.ks, self.device
         best = self.load_fn(self.out, device)
         t = time.perf_counter()
-        test = evaluate(best, self.split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test")
+        test = evaluate(best, self.split.test, ec.batch_size, ks, ec.mask_seen, device, desc="test",
+                        ranks_to=self.out / "ranks-test.safetensors")
         test_seconds = time.perf_counter() - t
-        valid_full = evaluate(best, self.split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid") if ec.final_valid else \
+        valid_full = evaluate(best, self.split.valid, ec.batch_size, ks, ec.mask_seen, device, desc="valid",
+                              ranks_to=self.out / "ranks-valid.safetensors") if ec.final_valid else \
             next(({**h["valid"], "n": len(self.valid)} for h in s["history"] if h["step"] == s["best_step"]), {})
         metrics = {
             "model": self.cfg.get("name") or self.cfg.get("recipe"),
