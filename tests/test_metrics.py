@@ -158,5 +158,12 @@ def test_paired_comparison_of_two_rank_files(tmp_path):
         compare([a], [b], ("HR@20",))
     with pytest.raises(TTDSError, match="no ranks-test.safetensors"):
         compare([tmp_path], [b])
+    run = tmp_path / "old-run"  # a run folder from before session 16, evaluated again with `ttds eval`
+    run.mkdir()
+    _ranks_file(run / "eval-d-test-int8.ranks.safetensors", better)  # not fp32: never picked
+    with pytest.raises(TTDSError, match="no ranks-test.safetensors"):
+        compare([run], [b])
+    _ranks_file(run / "eval-d-test.ranks.safetensors", base)
+    assert compare([run], [b])["pairs"][0]["metrics"]["NDCG@10"] == r["NDCG@10"]
     with pytest.raises(TTDSError, match="same, non-zero length"):
         compare([a, b], [b])

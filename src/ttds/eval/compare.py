@@ -25,14 +25,16 @@ DEFAULT_METRICS = ("NDCG@10", "HR@10", "HR@1")
 
 
 def ranks_path(path: str | Path, split: str = "test") -> Path:
-    """A ranks file, or the `ranks-<split>.safetensors` of a run folder."""
+    """A ranks file, or a run folder's `ranks-<split>.safetensors` (its training's evaluation), else its
+    `eval-<data>-<split>.ranks.safetensors` (from `ttds eval`, fp32, the model's own seen-item rule)."""
     path = Path(path)
     if path.is_dir():
-        f = path / f"ranks-{split}.safetensors"
-        if not f.is_file():
-            raise TTDSError(f"{path}: no {f.name} (run folders from before session 16 have none; "
-                            f"`ttds eval --model-dir {path} --data DATA` writes one, pass that file)")
-        return f
+        found = [path / f"ranks-{split}.safetensors"] + sorted(path.glob(f"eval-*-{split}.ranks.safetensors"))
+        for f in found:
+            if f.is_file():
+                return f
+        raise TTDSError(f"{path}: no ranks-{split}.safetensors (run folders from before session 16 have none; "
+                        f"`ttds eval --model-dir {path} --data DATA --split {split}` writes one)")
     if not path.is_file():
         raise TTDSError(f"{path}: no such run folder or ranks file")
     return path
