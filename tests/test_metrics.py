@@ -167,3 +167,24 @@ def test_paired_comparison_of_two_rank_files(tmp_path):
     assert compare([run], [b])["pairs"][0]["metrics"]["NDCG@10"] == r["NDCG@10"]
     with pytest.raises(TTDSError, match="same, non-zero length"):
         compare([a, b], [b])
+
+
+def test_bench_tables_pair_every_model_with_the_first(tmp_path):
+    from ttds.bench.harness import paired_summary
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in (1, 2):
+        base = rng.integers(0, 10, 500)
+        for model, ranks in (("A", base), ("B", np.where(rng.random(500) < 0.5, 0, base))):
+            run = tmp_path / f"{model}-s{seed}"
+            run.mkdir()
+            _ranks_file(run / "ranks-test.safetensors", ranks)
+            rows.append({"label": f"{model}@{seed}", "test": {}, "run_dir": str(run)})
+    rows.append({"label": "C@1", "test": {}, "run_dir": str(tmp_path / "old")})  # no ranks: said, not hidden
+    (tmp_path / "old").mkdir()
+    md = paired_summary(rows)
+    b = next(line for line in md.splitlines() if line.startswith("| B |"))
+    assert "| B | 1, 2 | +0." in b and "p=" in b  # B ranks half of the users' targets first: clearly ahead
+    assert "no ranks-test.safetensors" in next(line for line in md.splitlines() if line.startswith("| C |"))
+    assert paired_summary(rows[:4:2]) == ""  # one model (A@1, A@2): nothing to pair

@@ -47,7 +47,7 @@ def run_entry(entry: Entry, data: str, run_dir: Path, overrides: list[str], drop
         return {"label": label, "model": entry.model, "error": f"exit code {rc}; see {run_dir / 'bench.log'}"}
     m = read_json(run_dir / "metrics.json")
     return {"label": label, "model": entry.model, "overrides": list(entry.overrides) + list(overrides),
-            "wall_seconds": round(time.perf_counter() - t0, 1), **m}
+            "wall_seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir), **m}
 
 
 def format_markdown(result: dict) -> str:
@@ -86,7 +86,7 @@ def format_markdown(result: dict) -> str:
                   "| reference | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for name, r in ref.items():
             lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c in COLUMNS) + " |")
-    return "\n".join(lines) + "\n" + seed_summary(result["rows"])
+    return "\n".join(lines) + "\n" + seed_summary(result["rows"]) + paired_summary(result["rows"])
 
 
 def seed_summary(rows: list[dict]) -> str:
@@ -120,6 +120,41 @@ def seed_summary(rows: list[dict]) -> str:
         lines.append(f"| {model} − {first} (paired) | {', '.join(seeds)} | " + " | ".join(
             fmt([groups[model][s]["test"][m] - groups[first][s]["test"][m] for s in seeds]) for m in SEED_COLUMNS)
             + f" | {fmt([groups[model][s]['valid']['NDCG@10'] - groups[first][s]['valid']['NDCG@10'] for s in seeds])} |")
+    return "\n".join(lines) + "\n"
+
+
+PAIRED_METRICS = ("NDCG@10", "HR@10", "HR@1")
+
+
+def paired_summary(rows: list[dict]) -> str:
+    """Markdown: every model against the first, user by user on the same test users (`ttds.eval.compare`): mean
+    difference, 95 % CI and p-value, pooled over the seeds both have. Rows need their run folder's per-user ranks."""
+    from ttds.eval.compare import compare
+
+    groups: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if "test" in r and r.get("run_dir"):
+            model, _, seed = r["label"].partition("@")
+            groups.setdefault(model, {})[seed] = r
+    if len(groups) < 2:
+        return ""
+    first, *others = list(groups)
+    lines = ["", f"Paired with {first}, user by user (test; diff = model − {first}, 95 % CI, p of a paired t-test; "
+             "`ttds compare`):", "", "| model | seeds | " + " | ".join(PAIRED_METRICS) + " |",
+             "|---" * (len(PAIRED_METRICS) + 2) + "|"]
+    for model in others:
+        seeds = [s for s in groups[model] if s in groups[first]]
+        if not seeds:
+            continue
+        try:
+            c = compare([groups[first][s]["run_dir"] for s in seeds], [groups[model][s]["run_dir"] for s in seeds],
+                        PAIRED_METRICS)
+        except TTDSError as e:
+            lines.append(f"| {model} | {', '.join(seeds) or '-'} | " + " | ".join("-" for _ in PAIRED_METRICS) + f" ({e}) |")
+            continue
+        stats = c.get("pooled") or c["pairs"][0]["metrics"]
+        lines.append(f"| {model} | {', '.join(seeds) or '-'} | " + " | ".join(
+            f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}] p={r['p']:.2g}" for r in (stats[m] for m in PAIRED_METRICS)) + " |")
     return "\n".join(lines) + "\n"
 
 
