@@ -45,7 +45,7 @@ def hf_adapter(rec):
         def __init__(self):
             super().__init__(base_config)
             self.rec = rec
-            self.vocab = rec.n_words + rec.n_id_tokens
+            self.vocab = rec.n_words + rec.n_id_tokens + 1  # + an end token for short IDs (`hf_recommend`)
             self.n_item_levels = len(rec.item_index.level_sizes)
 
         def get_input_embeddings(self):
@@ -75,22 +75,45 @@ def hf_adapter(rec):
 
 
 def hf_recommend(adapter, rec, prompt: np.ndarray, beam: int, k: int) -> list[int]:
+    """HF `generate(num_beams=beam)` at batch 1, constrained by the trie through a logits processor on the
+    log-probabilities (what `prefix_allowed_tokens_fn` does). A short ID (no disambiguation token) ends with an
+    end token of log-probability 0, so a finished beam keeps its score, as in this engine's beam search."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
     trie, L, V = rec.trie, rec.trie.n_levels, rec.n_words
     P = len(prompt)
     offs = np.asarray(rec.offsets[:L])
+    end = adapter.vocab - 1
+    short = bool((rec.item_index.codes[:, -1] < 0).any())
 
-    def allowed(batch_id, ids):
-        t = ids.shape[0] - P
-        codes = (ids[P:] - V - torch.as_tensor(offs[:t])).unsqueeze(0)
-        mask = trie.allowed_after(codes)[0]
-        return (torch.nonzero(mask).squeeze(1) + V + int(offs[t])).tolist()
+    class TrieMask(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            t = input_ids.shape[1] - P
+            out = torch.full_like(scores, float("-inf"))
+            for row, ids in enumerate(input_ids):
+                if t and int(ids[-1]) == end:  # finished: only the end token again (HF pads after it)
+                    out[row, end] = 0.0
+                    continue
+                codes = (ids[P:] - V - torch.as_tensor(offs[:t])).unsqueeze(0)
+                node = trie.nodes_of(codes)
+                if t and int(trie.ends(node, t)[0]) >= 0:  # a short ID ends here: stay, score unchanged
+                    out[row, end] = 0.0
+                elif t < L:
+                    allowed = torch.nonzero(trie.allowed(node, t)[0]).squeeze(1) + V + int(offs[t])
+                    out[row, allowed] = scores[row, allowed]
+            return out
 
     ids = torch.as_tensor(prompt).unsqueeze(0)
     out = adapter.generate(ids, attention_mask=torch.ones_like(ids), num_beams=beam, num_return_sequences=k,
-                           max_new_tokens=L, min_new_tokens=L, prefix_allowed_tokens_fn=allowed, do_sample=False,
-                           early_stopping=True, length_penalty=0.0, eos_token_id=None, pad_token_id=0, use_cache=True)
-    gen = out[:, P:] - V - torch.as_tensor(offs)
-    return rec.trie.entities(gen).tolist()
+                           max_new_tokens=L, min_new_tokens=None if short else L, logits_processor=LogitsProcessorList([TrieMask()]),
+                           do_sample=False, early_stopping=True, length_penalty=0.0, eos_token_id=end if short else None,
+                           pad_token_id=end if short else 0, use_cache=True)
+    gen = out[:, P:]
+    if gen.shape[1] < L:  # every returned ID is short
+        gen = torch.cat([gen, gen.new_full((len(gen), L - gen.shape[1]), end)], 1)
+    codes = torch.where(gen == end, torch.full_like(gen, -1), gen - V - torch.as_tensor(offs))
+    codes[:, :-1] = codes[:, :-1].clamp(min=0)  # an end token before the last level cannot come out
+    return rec.trie.entities(codes).tolist()
 
 
 def main():

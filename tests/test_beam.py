@@ -9,13 +9,20 @@ from ttds.models.beam import beam_search, beam_search_prompts, exhaustive_scores
 from ttds.models.generative import GenerativeRecommender
 
 
-@pytest.fixture(scope="module", params=["bert", "llama"])
+@pytest.fixture(scope="module", params=["bert", "llama", "short-ids"])
 def model(request, tmp_path_factory):
+    from ttds.index.collisions import disambiguate
+
     torch.manual_seed(0)
-    folder = tiny_backbone_dir(tmp_path_factory.mktemp("bb"), request.param)
+    folder = tiny_backbone_dir(tmp_path_factory.mktemp("bb"), "bert" if request.param == "short-ids" else request.param)
     bb = Backbone.load(BackboneConfig(name_or_path=str(folder), causal=True))
-    codes = np.unique(np.random.default_rng(1).integers(0, 4, (30, 3)), axis=0)  # a sparse 3-level trie
-    items = SemanticIndex(codes, [4, 4, 4], ["a", "b", "c"])
+    if request.param == "short-ids":  # the paper's IDs: 2 codes, plus a third token only where 2 codes collide
+        codes = disambiguate(np.random.default_rng(1).integers(0, 4, (30, 2)))
+        assert (codes[:, -1] < 0).sum() >= 5 and (codes[:, -1] >= 0).sum() >= 5
+        items = SemanticIndex(codes, [4, 4, 4], ["a", "b", "p"])
+    else:
+        codes = np.unique(np.random.default_rng(1).integers(0, 4, (30, 3)), axis=0)  # a sparse 3-level trie
+        items = SemanticIndex(codes, [4, 4, 4], ["a", "b", "c"])
     users = SemanticIndex(np.arange(6).reshape(6, 1), [6], ["ua"], "user")
     m = GenerativeRecommender(bb, items, users).eval()
     with torch.no_grad():
@@ -119,6 +126,14 @@ def test_last_level_pruning_is_exact_and_skips_beams(model):
         del model.hidden
     assert torch.equal(full, pruned) and torch.allclose(s_full, s_pruned, atol=1e-5)
     assert n_pruned < n_full  # peaked scores: beams below the 5th best child are not fed
+    if model.item_index.short_ids:  # a beam whose short ID ended at depth L-1 is never fed to the last level
+        fed[:] = []
+        model.hidden = counting
+        try:
+            beam_search(model, prompts, model.trie, 0, beam=16, k=16, prune_last=False)
+        finally:
+            del model.hidden
+        assert fed[-1] < len(prompts) * 16
 
 
 def test_excluded_items_are_searched_around(model):

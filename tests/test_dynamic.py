@@ -315,12 +315,15 @@ def test_behaviour_states_are_recorded_per_predicted_item_and_fused(bb_dir, ds, 
     for b in range(len(ids)):
         pos = [p for p in range(labels.shape[1]) if labels[b, p] >= 0]
         lab = [int(labels[b, p]) for p in pos]
-        for j, tok in enumerate(lab[:len(lab) - L + 1]):
-            codes = [lab[j + l] - first - model.offsets[l] for l in range(L)]
-            if all(0 <= c < model.groups[l][2] for l, c in enumerate(codes)) and tuple(codes) in by_id:
-                e = by_id[tuple(codes)]
-                want_sum[e] += z[b, pos[j]]
-                want_n[e] += 1
+        for j in range(len(lab)):
+            for n in (L, L - 1):  # an ID's L tokens, or L - 1 for a short ID (no disambiguation token)
+                codes = [lab[j + l] - first - model.offsets[l] for l in range(n) if j + l < len(lab)]
+                key = tuple(codes + [-1] * (L - n))
+                if len(codes) == n and all(0 <= c < model.groups[l][2] for l, c in enumerate(codes)) and key in by_id:
+                    e = by_id[key]
+                    want_sum[e] += z[b, pos[j]]
+                    want_n[e] += 1
+                    break
     assert want_n.sum() > 10
     assert torch.equal(t.behaviour_count, want_n)
     assert torch.allclose(t.behaviour_sum, want_sum, atol=1e-4)

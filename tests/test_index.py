@@ -128,13 +128,31 @@ def test_collision_handling_makes_ids_unique(env, strategy):
         assert (b.index.codes[:, 0] == b.raw_codes[:, 0]).all() and (b.index.codes[:, 1] != b.raw_codes[:, 1]).any()
 
 
-def test_disambiguate_and_sinkhorn():
+def test_disambiguate_and_sinkhorn(tmp_path):
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 3, (300, 2))
-    d = collisions.disambiguate(raw)
+    d = collisions.disambiguate(raw, only_colliding=False)
     assert collisions.collision_rate(d) == 0 and (d[:, :2] == raw).all()
     _, counts = np.unique(raw, axis=0, return_counts=True)
     assert d[:, 2].max() == counts.max() - 1
+    # the paper's rule (the default): only colliding IDs get the extra token; a lone ID ends one level early
+    raw = np.array([[0, 1], [0, 1], [2, 2], [1, 0]])
+    d = collisions.disambiguate(raw)
+    assert d[:, 2].tolist() == [0, 1, -1, -1]
+    idx = SemanticIndex(d, [3, 3, 2], ["a", "b", "p"])
+    assert idx.is_unique() and idx.to_json()["2"] == ["<a_2>", "<b_2>"] and idx.to_json()["0"] == ["<a_0>", "<b_1>", "<p_0>"]
+    idx.save(tmp_path / "i.json")
+    back = SemanticIndex.load(tmp_path / "i.json")
+    assert (back.codes == d).all() and back.level_sizes == [3, 3, 2]
+    with pytest.raises(TTDSError, match="1 levels, expected 2"):  # only the disambiguation token may be missing
+        SemanticIndex.from_tokens({"0": ["<a_0>", "<b_1>"], "1": ["<a_2>"]})
+    # a new item: base codes of its own -> a short ID; shared with a short ID -> both get the token
+    codes, sizes = collisions.assign_new_id(idx, [2, 0])
+    assert codes[-1].tolist() == [2, 0, -1] and (codes[:-1] == d).all()
+    codes, sizes = collisions.assign_new_id(idx, [1, 0])
+    assert codes[3].tolist() == [1, 0, 0] and codes[-1].tolist() == [1, 0, 1] and sizes == [3, 3, 2]
+    codes, _ = collisions.assign_new_id(idx, [0, 1])
+    assert codes[-1].tolist() == [0, 1, 2]
     # 8 entities on one code; 8 last-level codes free: Sinkhorn spreads them
     raw = np.zeros((8, 2), dtype=np.int64)
     dist = torch.rand(8, 8)

@@ -79,17 +79,19 @@ def test_earlier_examples_code_the_user_id_from_items_before_the_first_target(bb
     ex = build_epoch(data, TaskConfig(user_profile="earlier"), np.random.default_rng(0))
     expect = [(u, a, b) for u, s in enumerate(train) for a, b in window_bounds(len(s), H + 1)]
     assert len(ex) == len(expect)
-    item_of = {tuple(r): i for i, r in enumerate(model.codec.item_tokens.tolist())}
+    item_of = {tuple(r): i for i, r in enumerate(model.codec.item_tokens.tolist())}  # short IDs end with -1
     L, V, ug = model.item_index.n_levels, model.n_words, model.n_words + model.offsets[model.user_group0]
+    first_level = lambda tok: (tok >= V) & (tok - V < model.offsets[1])  # an item ID starts here
     calls = iter(calls)
     cuts = []
     for e, (u, a, b) in zip(ex, expect):
         items_part = e.tokens[(e.tokens >= V) & (e.tokens < ug)]
-        items = [item_of[tuple(items_part[j:j + L].tolist())] for j in range(0, len(items_part), L)]
+        segs = np.split(items_part, np.flatnonzero(first_level(items_part))[1:])
+        items = [item_of[tuple(s.tolist() + [-1] * (L - len(s)))] for s in segs]
         assert items == train[u][a:b].tolist()  # the window, in order
-        n_targets = int(e.target.sum()) // L
+        n_targets, n_tok = int(first_level(e.tokens[e.target]).sum()), int(e.target.sum())
         c = b - n_targets  # the cut: the first target's position in the user's sequence
-        assert a <= c < b and e.target[-n_targets * L:].all() and not e.target[:-n_targets * L].any()
+        assert a <= c < b and e.target[-n_tok:].all() and not e.target[:-n_tok].any()
         if (e.tokens >= ug).any():  # a user ID: coded from exactly the user's items before the cut
             owner, profile = next(calls)
             assert owner == u and c > 0 and profile == train[u][:c].tolist()
@@ -100,7 +102,7 @@ def test_earlier_examples_code_the_user_id_from_items_before_the_first_target(bb
     assert any(c == 0 for c, _ in cuts) and any(c == n - 1 for c, n in cuts if n > 2)  # both ends drawn
     # the default: every example has the user's one ID and all window items are targets
     ex = build_epoch(TaskData(ds, train, model.codec, H), TaskConfig(), np.random.default_rng(0))
-    assert all((e.tokens >= ug).any() and int(e.target.sum()) == (b - a) * L for e, (u, a, b) in zip(ex, expect))
+    assert all((e.tokens >= ug).any() and int(first_level(e.tokens[e.target]).sum()) == b - a for e, (u, a, b) in zip(ex, expect))
     with pytest.raises(TTDSError, match="tasks.user_profile"):
         TaskConfig(user_profile="future")
     with pytest.raises(TTDSError, match="no user tower"):

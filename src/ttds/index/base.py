@@ -3,8 +3,11 @@
 A semantic ID is one code per level, e.g. codes [12, 7, 201, 3] with prefixes a,b,c,d is
 `<a_12><b_7><c_201><d_3>`. When colliding IDs are disambiguated, one more level is appended
 (prefix `p` for items, `up` for users) holding the order inside the colliding set, and every
-entity then has a unique ID. Static (RQ-VAE, LSH, random, a given LC-Rec file) and dynamic
-indices all hand the recommender this type.
+entity then has a unique ID. As in the paper, only colliding IDs carry that extra token: an entity
+whose codes are its own has -1 ("no token") there, so IDs are 4 or 5 tokens long and no ID is the
+prefix of another (`is_unique`). An index where every ID has the extra token (`index.options.disambiguate:
+all`, and run folders from before session 16) is the special case without -1. Static (RQ-VAE, LSH,
+random, a given LC-Rec file) and dynamic indices all hand the recommender this type.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def level_prefixes(tower: str, levels: int, disambig: bool) -> list[str]:
 
 @dataclass
 class SemanticIndex:
-    codes: np.ndarray  # [n, L] int64, one code per level (the last may be the disambiguation level)
+    codes: np.ndarray  # [n, L] int64, one code per level (the last may be the disambiguation level, -1 = no token)
     level_sizes: list[int]  # number of codes per level
     prefixes: list[str]  # token prefix per level
     tower: str = "item"  # "item" | "user"
@@ -41,8 +44,9 @@ class SemanticIndex:
         self.codes = np.asarray(self.codes, dtype=np.int64)
         if self.codes.ndim != 2 or self.codes.shape[1] != len(self.level_sizes) or len(self.prefixes) != len(self.level_sizes):
             raise ValueError("SemanticIndex: codes [n, L], level_sizes [L] and prefixes [L] disagree")
-        if len(self.codes) and ((self.codes < 0).any() or (self.codes >= np.asarray(self.level_sizes)).any()):
-            raise ValueError("SemanticIndex: a code is outside its level's size")
+        if len(self.codes) and ((self.codes[:, :-1] < 0).any() or (self.codes[:, -1] < -1).any()
+                                or (self.codes >= np.asarray(self.level_sizes)).any()):
+            raise ValueError("SemanticIndex: a code is outside its level's size (-1, no token, only at the last level)")
 
     @property
     def n(self) -> int:
@@ -55,8 +59,13 @@ class SemanticIndex:
     def token(self, level: int, code: int) -> str:
         return f"<{self.prefixes[level]}_{int(code)}>"
 
+    @property
+    def short_ids(self) -> bool:
+        """True when IDs without a collision have no disambiguation token (some code is -1)."""
+        return bool(len(self.codes) and (self.codes[:, -1] < 0).any())
+
     def tokens(self, entity: int) -> list[str]:
-        return [self.token(l, c) for l, c in enumerate(self.codes[entity])]
+        return [self.token(l, c) for l, c in enumerate(self.codes[entity]) if c >= 0]
 
     def id_string(self, entity: int) -> str:
         return "".join(self.tokens(entity))
@@ -66,7 +75,15 @@ class SemanticIndex:
         return [self.token(l, c) for l, k in enumerate(self.level_sizes) for c in range(k)]
 
     def is_unique(self) -> bool:
-        return len(np.unique(self.codes, axis=0)) == self.n
+        """Every ID maps to one entity: no two rows alike, and no short ID (-1 at the end) is the prefix of another."""
+        if len(np.unique(self.codes, axis=0)) != self.n:
+            return False
+        short = self.codes[:, -1] < 0
+        if not short.any():
+            return True
+        heads = np.unique(self.codes[:, :-1], axis=0, return_counts=True)
+        count = dict(zip(map(tuple, heads[0].tolist()), heads[1].tolist()))
+        return all(count[tuple(r)] == 1 for r in self.codes[short, :-1].tolist())
 
     def collision_rate(self) -> float:
         """Share of entities whose ID is shared with another entity."""
@@ -76,8 +93,8 @@ class SemanticIndex:
         return float((counts[inverse.ravel()] > 1).mean())
 
     def lookup(self) -> dict[tuple[int, ...], int]:
-        """Full code tuple -> entity (only meaningful when the index is unique)."""
-        return {tuple(int(c) for c in row): e for e, row in enumerate(self.codes)}
+        """Full code tuple (without the -1 of a short ID) -> entity (only meaningful when the index is unique)."""
+        return {tuple(int(c) for c in row if c >= 0): e for e, row in enumerate(self.codes)}
 
     # ------------------------------------------------------------ files (LC-Rec index.json format)
 
@@ -92,10 +109,12 @@ class SemanticIndex:
 
     @classmethod
     def from_tokens(cls, mapping: dict, tower: str = "item", source: str = "index") -> "SemanticIndex":
-        """Parse `{"<id>": ["<a_1>", "<b_2>", ...]}` (LC-Rec format). Ids must be 0..n-1."""
+        """Parse `{"<id>": ["<a_1>", "<b_2>", ...]}` (LC-Rec format). Ids must be 0..n-1. An ID may lack the
+        last level's token (a short ID of an index that disambiguates colliding IDs only)."""
         n = len(mapping)
         rows: list[list[int]] = [None] * n  # type: ignore[list-item]
         prefixes: list[str] | None = None
+        longest = max((toks for toks in mapping.values() if isinstance(toks, list)), key=len, default=[])
         for key, toks in mapping.items():
             try:
                 e = int(key)
@@ -111,14 +130,15 @@ class SemanticIndex:
                 parsed.append((m.group(1), int(m.group(2))))
             pre = [p for p, _ in parsed]
             if prefixes is None:
-                prefixes = pre
-            elif pre != prefixes:
-                if len(pre) != len(prefixes):
+                prefixes = [_TOKEN.match(t).group(1) for t in longest if isinstance(t, str) and _TOKEN.match(t)]
+            short_ok = bool(prefixes) and prefixes[-1] in DISAMBIG_PREFIX.values()  # only the disambiguation token may be absent
+            if pre != prefixes and not (short_ok and pre == prefixes[:-1]):
+                if len(pre) != len(prefixes) and not (short_ok and len(pre) == len(prefixes) - 1):
                     raise TTDSError(f"{source}: entity {key}: {len(pre)} levels, expected {len(prefixes)}")
                 raise TTDSError(f"{source}: entity {key}: token prefixes {pre} differ from {prefixes}")
-            rows[e] = [c for _, c in parsed]
+            rows[e] = [c for _, c in parsed] + [-1] * (len(prefixes) - len(pre))
         codes = np.asarray(rows, dtype=np.int64).reshape(n, len(prefixes or []))
-        sizes = [int(codes[:, l].max()) + 1 if n else 0 for l in range(codes.shape[1])]
+        sizes = [max(1, int(codes[:, l].max()) + 1) if n else 0 for l in range(codes.shape[1])]
         return cls(codes, sizes, list(prefixes or []), tower)
 
     @classmethod

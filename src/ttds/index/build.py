@@ -53,6 +53,7 @@ class IndexConfig:
     levels: int = 4
     codebook_size: int = 256
     collisions: str = "ttds"  # ttds | lcrec | none
+    disambiguate: str = "colliding"  # which IDs get the disambiguation token: colliding (paper) | all
     item_template: str = DEFAULT_ITEM_TEMPLATE
     max_text_tokens: int = 128
     cache_embeddings: bool = True
@@ -67,6 +68,9 @@ class IndexConfig:
             raise TTDSError(f"config index.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.collisions not in collisions.STRATEGIES:
             raise TTDSError(f"config index.collisions={self.collisions!r}: expected one of {', '.join(collisions.STRATEGIES)}")
+        if self.disambiguate not in collisions.DISAMBIGUATE:
+            raise TTDSError(f"config index.options.disambiguate={self.disambiguate!r}: expected one of "
+                            f"{', '.join(collisions.DISAMBIGUATE)}")
         if self.user_vectors not in USER_VECTORS:
             raise TTDSError(f"config index.user_vectors={self.user_vectors!r}: expected one of {', '.join(USER_VECTORS)}")
 
@@ -200,11 +204,12 @@ def embed(backbone, texts: list[str], cache: bool = True) -> tuple[torch.Tensor,
 
 
 def index_from_codes(raw: np.ndarray, level_sizes: list[int], tower: str, strategy: str,
-                     last_distances: torch.Tensor | None = None, report: dict | None = None) -> SemanticIndex:
-    final = collisions.resolve(raw, strategy, last_distances, report)
+                     last_distances: torch.Tensor | None = None, report: dict | None = None,
+                     disambiguate: str = "colliding") -> SemanticIndex:
+    final = collisions.resolve(raw, strategy, last_distances, report, disambiguate == "colliding")
     sizes = list(level_sizes)
     if final.shape[1] > len(sizes):  # the disambiguation level
-        sizes.append(int(final[:, -1].max()) + 1 if len(final) else 1)
+        sizes.append(max(1, int(final[:, -1].max()) + 1) if len(final) else 1)
     return SemanticIndex(final, sizes, level_prefixes(tower, len(level_sizes), final.shape[1] > len(level_sizes)), tower)
 
 
@@ -245,7 +250,7 @@ def build(ds: RecDataset, tower: str, backbone, cfg: IndexConfig, progress: bool
     raw = tok.encode(x).numpy()
     dist = tok.last_level_distances(x) if (cfg.collisions == "lcrec" and isinstance(tok, RQVAE)) else None
     extra: dict = {}
-    idx = index_from_codes(raw, tok.level_sizes, tower, cfg.collisions, dist, extra)
+    idx = index_from_codes(raw, tok.level_sizes, tower, cfg.collisions, dist, extra, cfg.disambiguate)
     stats = collisions.code_report(raw, idx.codes, tok.level_sizes) | extra
     fitted_on = {"user_vectors": user_vector_source(ds, cfg)} if tower == "user" and backbone is not None else {}
     stats.update(fitted_on)

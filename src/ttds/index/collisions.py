@@ -2,7 +2,8 @@
 
 Two strategies (config `index.collisions`):
   ttds   append one disambiguation level: an entity's code there is its order inside the set of
-         entities that share its codes (0 for entities without a collision).
+         entities that share its codes. Entities without a collision get no token there (-1: a
+         short ID, as in the paper) or, with `index.options.disambiguate: all`, the code 0.
   lcrec  LC-Rec: re-assign the last level of colliding entities with a Sinkhorn-Knopp transport
          plan (uniform over codes) computed from their distances to the last codebook, repeated a
          few rounds; whatever still collides then gets the `ttds` disambiguation level.
@@ -32,8 +33,12 @@ def collision_rate(codes: np.ndarray) -> float:
     return float(colliding(codes).mean()) if len(codes) else 0.0
 
 
-def disambiguate(codes: np.ndarray) -> np.ndarray:
-    """Append the order inside each colliding set as one more level: [n, L] -> [n, L+1], unique rows."""
+DISAMBIGUATE = ("colliding", "all")  # which IDs get the disambiguation token (config index.options.disambiguate)
+
+
+def disambiguate(codes: np.ndarray, only_colliding: bool = True) -> np.ndarray:
+    """Append the order inside each colliding set as one more level: [n, L] -> [n, L+1], unique rows, no
+    row the prefix of another. `only_colliding`: entities whose codes are their own get -1 (no token)."""
     codes = np.asarray(codes, dtype=np.int64)
     if not len(codes):
         return np.zeros((0, codes.shape[1] + 1), dtype=np.int64)
@@ -45,6 +50,8 @@ def disambiguate(codes: np.ndarray) -> np.ndarray:
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     extra = np.empty(len(codes), dtype=np.int64)
     extra[order] = rank
+    if only_colliding:
+        extra[np.bincount(inverse)[inverse] == 1] = -1
     return np.concatenate([codes, extra[:, None]], axis=1)
 
 
@@ -83,10 +90,11 @@ def sinkhorn_reassign(codes: np.ndarray, last_distances: torch.Tensor, rounds: i
 
 
 def resolve(codes: np.ndarray, strategy: str = "ttds", last_distances: torch.Tensor | None = None,
-            report: dict | None = None) -> np.ndarray:
+            report: dict | None = None, only_colliding: bool = True) -> np.ndarray:
     """Apply a collision strategy; `ttds` and `lcrec` always return unique rows with one extra level
-    (kept even when Sinkhorn leaves no collision, so the ID length never changes). `report` receives
-    the collision rate after the Sinkhorn re-assignment (lcrec)."""
+    (kept even when Sinkhorn leaves no collision, so the token space never changes; with `only_colliding`
+    it holds -1 for every entity whose codes are its own). `report` receives the collision rate after the
+    Sinkhorn re-assignment (lcrec)."""
     if strategy not in STRATEGIES:
         raise TTDSError(f"config index.collisions={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     codes = np.asarray(codes, dtype=np.int64)
@@ -96,7 +104,7 @@ def resolve(codes: np.ndarray, strategy: str = "ttds", last_distances: torch.Ten
         codes = sinkhorn_reassign(codes, last_distances)
         if report is not None:
             report["collision_rate_sinkhorn"] = collision_rate(codes)
-    return disambiguate(codes)
+    return disambiguate(codes, only_colliding)
 
 
 # ---------------------------------------------------------------- figures
@@ -106,7 +114,8 @@ def level_usage(codes: np.ndarray, level_sizes: list[int]) -> list[dict]:
     """Per level: codes used, share of the codebook used, perplexity (exp of the code entropy)."""
     out = []
     for level, k in enumerate(level_sizes):
-        counts = np.bincount(codes[:, level], minlength=k) if len(codes) else np.zeros(k)
+        col = codes[:, level][codes[:, level] >= 0] if len(codes) else codes[:0, 0]  # -1: a short ID's missing token
+        counts = np.bincount(col, minlength=k) if len(col) else np.zeros(k)
         p = counts[counts > 0] / max(1, counts.sum())
         out.append({"level": level, "size": int(k), "used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
                     "perplexity": float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0})
@@ -124,6 +133,8 @@ def code_report(raw: np.ndarray, final: np.ndarray, level_sizes: list[int]) -> d
         "max_collision_set": int(sizes.max()) if len(sizes) else 0,
         "levels": level_usage(raw, level_sizes),
         "levels_after": int(final.shape[1]) if final.ndim == 2 else 0,
+        # IDs without the disambiguation token (the paper's rule: only colliding IDs get it)
+        "short_ids": float((final[:, -1] < 0).mean()) if final.ndim == 2 and len(final) and final.shape[1] > raw.shape[1] else 0.0,
     }
 
 
@@ -131,19 +142,25 @@ def assign_new_id(index, base_codes) -> tuple[np.ndarray, list[int]]:
     """Semantic ID for one new item from its tokenizer codes, with TTDS collision handling.
 
     `index` is a SemanticIndex whose last level is the disambiguation level (prefix `p`) when
-    `len(base_codes) == index.n_levels - 1`; the new item gets the first disambiguation code not used by
-    the items sharing its base codes. Returns (the index's new codes array, new level sizes).
+    `len(base_codes) == index.n_levels - 1`. The new item gets the first disambiguation code not used by the
+    items sharing its base codes; with short IDs (`index.short_ids`) a new item with base codes of its own gets
+    none (-1), and an existing short ID with the same base codes gets the code 0 (its ID grows by one token).
+    Returns (the index's new codes array: existing rows, possibly one grown, then the new row; new level sizes).
     """
     base = np.asarray(base_codes, dtype=np.int64).reshape(-1)
-    codes, sizes = index.codes, list(index.level_sizes)
+    codes, sizes = index.codes.copy(), list(index.level_sizes)
     if len(base) == index.n_levels:  # no disambiguation level: the ID must be free as it is
         if len(codes) and (codes == base).all(axis=1).any():
             raise TTDSError(f"new item: semantic ID {base.tolist()} is taken and the index has no disambiguation level")
         row = base
     elif len(base) == index.n_levels - 1:
-        same = (codes[:, :-1] == base).all(axis=1) if len(codes) else np.zeros(0, bool)
-        used = set(codes[same, -1].tolist())
-        row = np.append(base, next(j for j in range(len(used) + 1) if j not in used))
+        same = np.flatnonzero((codes[:, :-1] == base).all(axis=1)) if len(codes) else np.zeros(0, np.int64)
+        if not len(same):
+            row = np.append(base, -1 if index.short_ids else 0)
+        else:
+            codes[same[codes[same, -1] < 0], -1] = 0  # a short ID that shared these codes gets the token 0
+            used = set(codes[same, -1].tolist())
+            row = np.append(base, next(j for j in range(len(used) + 1) if j not in used))
     else:
         raise ValueError(f"assign_new_id: {len(base)} codes for an index of {index.n_levels} levels")
     sizes = [max(s, int(c) + 1) for s, c in zip(sizes, row)]

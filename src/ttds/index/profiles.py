@@ -60,7 +60,7 @@ class ProfileIDs:
             if u >= 0 and np.array_equal(b, stored[u, :self.m]):
                 out[i] = stored[u]
             elif self.index.n_levels > self.m:
-                code = self.first_free.get(tuple(b.tolist()), 0)
+                code = self.first_free.get(tuple(b.tolist()), -1 if self.index.short_ids else 0)  # -1: a short ID
                 out[i, self.m] = code if code < self.index.level_sizes[self.m] else 0  # level full: its code 0
         return out
 

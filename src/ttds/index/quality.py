@@ -104,7 +104,8 @@ def format_stats(stats: dict, semantic: dict | None = None) -> str:
         lines.append(f"after Sinkhorn       {stats['collision_rate_sinkhorn']:.4f} (LC-Rec re-assignment, before the extra level)")
     lines += [
         f"distinct IDs before  {stats['distinct_ids_before']} (largest colliding set {stats['max_collision_set']})",
-        f"ID length            {stats['levels_after']} tokens",
+        f"ID length            {stats['levels_after']} tokens"
+        + (f" ({stats['short_ids']:.1%} of IDs one shorter: no collision, no disambiguation token)" if stats.get("short_ids") else ""),
         "level  size  used  usage   perplexity",
     ]
     for lv in stats["levels"]:

@@ -147,43 +147,65 @@ def beam_search(model, prompts: list[np.ndarray], trie: IDTrie, group0: int, bea
     cur = P  # cache length
     rows = torch.arange(B, device=device).unsqueeze(1)
 
-    def level(t: int, lo: int, hi: int) -> torch.Tensor:
-        """Feed beams lo..hi-1's level t-1 tokens (beam w's token to cache slot cur + w - lo); returns
-        their children's scores [B, hi - lo, K_t] (parent score + masked log-prob)."""
+    def level(t: int, sel: torch.Tensor) -> torch.Tensor:
+        """Feed the level t-1 tokens of beams `sel` [B, n] (row b's j-th to cache slot cur + j); returns their
+        children's scores [B, n, K_t] (parent score + masked log-prob)."""
         nonlocal cache, cur
-        n, sel = hi - lo, slice(lo, hi)
-        tok = model.n_words + model.offsets[group0 + t - 1] + code[:, sel]  # [B, n]
+        n = sel.shape[1]
+        tok = model.n_words + model.offsets[group0 + t - 1] + code.gather(1, sel)  # [B, n]
         allowed = torch.zeros(B, n, cur + n, dtype=torch.bool, device=device)
         allowed[:, :, :P] = prompt_mask.unsqueeze(1)
-        allowed.scatter_(2, anc[:, sel], True)
+        allowed.scatter_(2, anc.gather(1, sel.unsqueeze(2).expand(-1, -1, anc.shape[2])), True)
         allowed[:, torch.arange(n, device=device), cur + torch.arange(n, device=device)] = True
         h, cache = model.hidden(tok, allowed.unsqueeze(1), (pos[:, -1:] + t).expand(B, n), cache=cache, use_cache=True)
         cur += n
         logp = torch.log_softmax(model.level_logits(h, group0 + t).float(), -1)  # [B, n, K]
-        ok = trie.allowed(node.view(B, W)[:, sel].reshape(-1), t, brow.repeat_interleave(n), excl)
+        ok = trie.allowed(node.view(B, W).gather(1, sel).reshape(-1), t, brow.repeat_interleave(n), excl)
         logp = logp.masked_fill(~ok.view(B, n, -1), float("-inf"))
-        return score[:, sel].unsqueeze(2) + logp
+        return score.gather(1, sel).unsqueeze(2) + logp
 
+    done = torch.full((B, W), -1, dtype=torch.long, device=device)  # entity of a beam whose (short) ID ended
     for t in range(1, trie.n_levels):
-        base = cur  # cache slot of beam 0's token of this level
+        base = cur  # cache slot of the first fed beam's token of this level
+        K = trie.level_sizes[t]
+        # a short ID (no disambiguation token) ends at its node of depth t: that beam has no children, is not fed,
+        # and competes with its own score ("stay"); only the last level holds short IDs (SemanticIndex)
+        ends = trie.ends(node, t).view(B, W)
+        finished = ends >= 0
+        stay = torch.where(finished, score, torch.full_like(score, float("-inf")))
+        ar = torch.arange(W, device=device).expand(B, W)
+        order = torch.where(finished, ar + W, ar).argsort(1)  # per row: open beams first, each group in score order
+        n_open = int((~finished).sum(1).max())
         if prune_last and t == trie.n_levels - 1 and k < W:
             # last level, only the top k are returned: beams are sorted by score and a child never scores
-            # above its parent, so after the best k beams, a beam scoring below the k-th best child so far
-            # cannot reach the top k: feed only the beams that can (usually none or a few)
-            c = level(t, 0, k)
-            kth = c.reshape(B, -1).topk(k, dim=1).values[:, -1:]
-            m = int((score[:, k:] >= kth).sum(1).max())
-            cand = torch.cat([c, level(t, k, k + m)], 1) if m else c
+            # above its parent, so after the best k open beams, a beam scoring below the k-th best candidate so
+            # far cannot reach the top k: feed only the beams that can (usually none or a few)
+            first = min(k, n_open)
+            sel = order[:, :first]
+            c = level(t, sel) if first else score.new_zeros(B, 0, K)
+            kth = torch.cat([c.reshape(B, -1), stay], 1).topk(k, dim=1).values[:, -1:]
+            rest = order[:, first:n_open]
+            m = int(((score.gather(1, rest) >= kth) & ~finished.gather(1, rest)).sum(1).max()) if rest.shape[1] else 0
+            if m:
+                sel = torch.cat([sel, rest[:, :m]], 1)
+                c = torch.cat([c, level(t, rest[:, :m])], 1)
         else:
-            cand = level(t, 0, W)
-        n, K = cand.shape[1], cand.shape[2]
-        W2 = min(beam, n * K)
-        score, flat = cand.reshape(B, n * K).topk(W2, dim=1)
-        parent, code = flat // K, flat % K
-        anc = torch.cat([anc.gather(1, parent.unsqueeze(2).expand(-1, -1, anc.shape[2])), (base + parent).unsqueeze(2)], 2)
+            sel = order[:, :n_open]
+            c = level(t, sel) if n_open else score.new_zeros(B, 0, K)
+        n = sel.shape[1]
+        cand = torch.cat([c.reshape(B, n * K), stay], 1)  # children of the fed beams, then every beam's "stay"
+        W2 = min(beam, n * K + (W if bool(finished.any()) else 0))
+        score, flat = cand.topk(W2, dim=1)
+        child = flat < n * K
+        parent = torch.where(child, sel.gather(1, (flat // K).clamp(max=max(n - 1, 0))) if n else flat, flat - n * K)
+        code = torch.where(child, flat % K, torch.zeros_like(flat))
+        done = torch.where(child, torch.full_like(flat, -1), ends.gather(1, parent))
+        slot = torch.where(child, base + flat // K, torch.zeros_like(flat))  # cache slot of the new token
+        anc = torch.cat([anc.gather(1, parent.unsqueeze(2).expand(-1, -1, anc.shape[2])), slot.unsqueeze(2)], 2)
         node = trie.step(node[(rows * W + parent).reshape(-1)], code.reshape(-1), t)
+        node = node.masked_fill(~child.reshape(-1), -1)
         W = W2
-    ent = torch.where(node >= 0, trie.leaf_entity[node.clamp(min=0)], torch.full_like(node, -1)).view(B, W)
+    ent = torch.where(done >= 0, done, trie.ends(node, trie.n_levels).view(B, W))
     ent = ent.masked_fill(~torch.isfinite(score), -1)
     if W < k:
         ent = torch.cat([ent, ent.new_full((B, k - W), -1)], 1)
@@ -209,10 +231,12 @@ def beam_search_prompts(model, prompts: list[np.ndarray], trie: IDTrie, group0: 
 
 @torch.no_grad()
 def exhaustive_scores(model, prompt: np.ndarray, codes: np.ndarray, group0: int = 0) -> torch.Tensor:
-    """Reference scorer: log P(ID | prompt) of every entity (teacher forcing), [n]. For tests and
-    small catalogues: one forward per entity."""
+    """Reference scorer: log P(ID | prompt) of every entity (teacher forcing; a short ID's -1 adds no
+    token), [n]. For tests and small catalogues: one forward per entity."""
     device = model.id_bias.device
-    seqs = [np.concatenate([prompt, model.n_words + np.asarray(model.offsets[group0:group0 + codes.shape[1]]) + c]) for c in codes]
+    codes = np.asarray(codes)
+    offs = np.asarray(model.offsets[group0:group0 + codes.shape[1]])
+    seqs = [np.concatenate([prompt, model.n_words + offs + np.where(c >= 0, c, 0)]) for c in codes]
     ids = torch.as_tensor(np.stack(seqs), device=device)
     attn = torch.ones_like(ids)
     h = model.hidden(ids, attn, torch.arange(ids.shape[1], device=device).expand_as(ids))
@@ -220,5 +244,6 @@ def exhaustive_scores(model, prompt: np.ndarray, codes: np.ndarray, group0: int 
     total = torch.zeros(len(codes), device=device)
     for t in range(L):
         logp = torch.log_softmax(model.level_logits(h[:, P - 1 + t], group0 + t).float(), -1)
-        total += logp.gather(1, torch.as_tensor(codes[:, t:t + 1], device=device)).squeeze(1)
+        c = torch.as_tensor(codes[:, t], device=device)
+        total += torch.where(c >= 0, logp.gather(1, c.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
     return total

@@ -73,10 +73,10 @@ class GenerativeRecommender(nn.Module):
         return len(self.item_index.level_sizes)
 
     def id_tokens(self, tower: str, codes: np.ndarray) -> np.ndarray:
-        """Codes [n, L] of a tower -> unified token ids [n, L]."""
+        """Codes [n, L] of a tower -> unified token ids [n, L] (-1 stays -1: a short ID's missing token)."""
         g0 = 0 if tower == "item" else self.user_group0
         offs = np.asarray(self.offsets[g0:g0 + codes.shape[1]], dtype=np.int64)
-        return self.n_words + offs + codes
+        return np.where(codes >= 0, self.n_words + offs + codes, -1)
 
     def set_index(self, item_index: SemanticIndex, user_index: SemanticIndex | None = None) -> None:
         """Install (or re-install after a re-assignment) the indices; rebuilds tries and prompt codec.

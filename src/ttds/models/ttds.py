@@ -56,9 +56,10 @@ class TowerTokenizer(nn.Module):
     projection. The disambiguation level has a fixed capacity so the token space never changes."""
 
     def __init__(self, tower: str, tokenizer: nn.Module, x: torch.Tensor, d_model: int, collision: str = "ttds",
-                 capacity: int = 64, word_std: float = 0.05, text_head: bool = True, behaviour: bool = False):
+                 capacity: int = 64, word_std: float = 0.05, text_head: bool = True, behaviour: bool = False,
+                 only_colliding: bool = True):
         super().__init__()
-        self.tower, self.collision = tower, collision
+        self.tower, self.collision, self.only_colliding = tower, collision, only_colliding
         self.tokenizer = tokenizer
         self.register_buffer("x", x.float().clone())
         if behaviour:  # `dynamic.behaviour_weight` > 0: the LM states that predicted each entity since the last re-assignment
@@ -161,7 +162,7 @@ class TowerTokenizer(nn.Module):
             raw = self.tokenizer.encode(self.x).cpu().numpy()
         dist = self.tokenizer.last_level_distances(self.x) if (self.collision == "lcrec" and self.has_codebooks) else None
         self.train(was)
-        return collisions.resolve(raw, self.collision, dist)
+        return collisions.resolve(raw, self.collision, dist, only_colliding=self.only_colliding)
 
     @torch.no_grad()
     def assign(self, current: np.ndarray | None = None, margin: float = 0.0) -> SemanticIndex | None:
@@ -271,7 +272,8 @@ class TTDSRecommender(GenerativeRecommender):
     def record_target_states(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """`target_state_hook` of `loss()` (`dynamic.behaviour_weight`): adds the transformed state at each position
         that predicts the first ID token of an entity of a tower with behaviour sums to that entity's sum. `z` [N, d]
-        and `y` [N] are the labelled positions in order, so an ID's L tokens are L consecutive targets."""
+        and `y` [N] are the labelled positions in order, so an ID's L tokens (L - 1 for a short ID) are consecutive
+        targets."""
         yid = y - self.n_words
         groups = self.token_group[yid.clamp(min=0)]
         for tower, t in self.towers.items():
@@ -280,15 +282,17 @@ class TTDSRecommender(GenerativeRecommender):
             g0 = 0 if tower == "item" else self.user_group0
             L = len(t.level_sizes)
             start = torch.nonzero((yid >= 0) & (groups == g0)).squeeze(1)
-            start = start[start + L <= len(y)]
             if not len(start):
                 continue
-            pos = start.unsqueeze(1) + torch.arange(L, device=y.device)
+            raw = start.unsqueeze(1) + torch.arange(L, device=y.device)
+            pos = raw.clamp(max=len(y) - 1)
             tok = yid[pos]
-            ok = ((tok >= 0) & (groups[pos] == torch.arange(g0, g0 + L, device=y.device))).all(1)
+            match = (raw < len(y)) & (tok >= 0) & (groups[pos] == torch.arange(g0, g0 + L, device=y.device))
+            n_tok = match.long().cumprod(1).sum(1)  # the ID's tokens: its L levels, or L - 1 for a short ID
             codes = tok - torch.as_tensor(self.offsets[g0:g0 + L], device=y.device)
-            ent = (self.trie if tower == "item" else self.user_trie).entities(codes.clamp(min=0))
-            ok &= ent >= 0
+            codes = torch.where(torch.arange(L, device=y.device) < n_tok.unsqueeze(1), codes, torch.full_like(codes, -1))
+            ent = (self.trie if tower == "item" else self.user_trie).entities(codes)
+            ok = (n_tok >= L - 1) & (ent >= 0)
             t.behaviour_sum.index_add_(0, ent[ok], z[start[ok]].float())
             t.behaviour_count.index_add_(0, ent[ok], torch.ones(int(ok.sum()), device=z.device))
 
@@ -302,9 +306,10 @@ class TTDSRecommender(GenerativeRecommender):
         bos = self.codec.bos
         if bos:
             ids = torch.cat([ids.new_full((len(ids), 1), bos[0]), ids], 1)
-        attn = torch.ones_like(ids)
-        h = self.hidden(ids, attn, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
-        return h[:, len(bos):].mean(1)
+        attn = (ids >= 0).long()  # a short ID's missing last token: right padding, masked and left out of the mean
+        h = self.hidden(ids.clamp(min=0), attn, torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
+        w = attn[:, len(bos):].unsqueeze(2).to(h.dtype)
+        return (h[:, len(bos):] * w).sum(1) / w.sum(1)
 
     def dm_vae_loss(self, entities: dict[str, torch.Tensor], beta: float,
                     sample: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:

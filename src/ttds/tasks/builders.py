@@ -60,7 +60,7 @@ class PromptCodec:
 
     def __init__(self, tokenizer, item_tokens: np.ndarray, user_tokens: np.ndarray | None, max_text_tokens: int = 32):
         self.tok = tokenizer
-        self.item_tokens = item_tokens  # [n_items, L] unified ids
+        self.item_tokens = item_tokens  # [n_items, L] unified ids (-1: no token, the end of a short ID)
         self.user_tokens = user_tokens  # [n_users, Lu] unified ids or None
         self.max_text_tokens = max_text_tokens
         self.bos = [i for i in (tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,) if i is not None]
@@ -82,13 +82,15 @@ class PromptCodec:
         user whose ID the user tower assigned from their text); or None / a negative id (PAD): an unknown
         user without an ID, rendered "the user" as by a model without a user tower."""
         if isinstance(u, np.ndarray):
-            return [self.text("user"), u]
+            return [self.text("user"), u[u >= 0]]
         if self.user_tokens is None or u is None or u < 0:
             return [self.text("the user")]
-        return [self.text("user"), self.user_tokens[u]]
+        return [self.text("user"), self.user_tokens[u][self.user_tokens[u] >= 0]]
 
     def items(self, items) -> np.ndarray:
-        return self.item_tokens[np.asarray(items, dtype=np.int64)].reshape(-1)
+        """The ID tokens of these items, one after the other."""
+        t = self.item_tokens[np.asarray(items, dtype=np.int64)].reshape(-1)
+        return t[t >= 0]
 
     def render(self, template: str, **values) -> np.ndarray:
         """Template with {user} {item} {title} {description} {history} filled in (no targets)."""
@@ -223,7 +225,8 @@ def userpred_examples(d: TaskData, n: int, rng: np.random.Generator) -> list[Exa
     for i in rng.choice(candidates, n) if len(candidates) else []:
         users = d.buyers[i][-(d.max_history + 1):]
         prompt = d.codec.render(T.USERPRED[rng.integers(len(T.USERPRED))], item=int(i))
-        out.append(_example(prompt, d.codec.user_tokens[users].reshape(-1)))
+        ids = d.codec.user_tokens[users].reshape(-1)
+        out.append(_example(prompt, ids[ids >= 0]))
     return out
 
 

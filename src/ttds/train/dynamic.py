@@ -103,7 +103,7 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
     x, _, _ = tower_vectors(ds, tower, icfg, backbone)
     word_std = float(backbone.hf_model.get_input_embeddings().weight.detach().std())
     t = TowerTokenizer(tower, tok, x, backbone.hidden_size, icfg.collisions, dyn.disambig_capacity, word_std,
-                       behaviour=tower == "item" and dyn.behaviour_weight > 0)
+                       behaviour=tower == "item" and dyn.behaviour_weight > 0, only_colliding=icfg.disambiguate == "colliding")
     if icfg.collisions != "none":  # room for collisions to grow while codes move
         need = int(t.resolved_codes()[:, -1].max()) + 1
         t.disambig_size.fill_(max(t.capacity, 2 * need))
@@ -142,7 +142,8 @@ def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRec
         t = TowerTokenizer(tower, tok, torch.zeros_like(tensors[f"towers.{tower}.x"]), backbone.hidden_size,
                            icfg.collisions, int(tensors[f"towers.{tower}.disambig_size"]),
                            text_head=f"towers.{tower}.text_head.weight" in tensors,
-                           behaviour=f"towers.{tower}.behaviour_sum" in tensors)
+                           behaviour=f"towers.{tower}.behaviour_sum" in tensors,
+                           only_colliding=icfg.disambiguate == "colliding" and bool((tensors[f"{tower}_codes"][:, -1] < 0).any()))
         towers[tower] = t
         indices[tower] = SemanticIndex(tensors[f"{tower}_codes"].numpy(), t.level_sizes,
                                        level_prefixes(tower, t.n_code_levels, t.collision != "none"), tower)

@@ -55,11 +55,11 @@ def tower_index(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out:
     if kind == "given":
         idx = given_index(ds, tower)
         if not idx.is_unique():  # the shipped Games / Instruments indices have 1.6 % / 0.5 % colliding items
-            from ttds.index.build import index_from_codes
+            from ttds.index.build import index_config, index_from_codes
 
             log.warning("%s.index.json: %.2f%% of items share an ID; appending a disambiguation level",
                         ds.name, 100 * idx.collision_rate())
-            idx = index_from_codes(idx.codes, idx.level_sizes, tower, "ttds")
+            idx = index_from_codes(idx.codes, idx.level_sizes, tower, "ttds", disambiguate=index_config(cfg).disambiguate)
         return idx
     cfg = copy.deepcopy(cfg)
     cfg["index"].setdefault("options", {})["kind"] = kind
