@@ -12,6 +12,9 @@ Variants, side by side in one run (same model, same users):
   no-shared-prefix  the same without running the prompts' common prefix once (`shared_prefix` off)
   no-prune          the same without skipping hopeless beams at the last level (`prune_last=False`)
   baseline          `--baseline FILE`: another version of beam.py (e.g. `git show HEAD~1:src/ttds/models/beam.py`)
+  short IDs         `--short-ids`: the same model and codes with every ID carrying the disambiguation token
+                    (`index.options.disambiguate: all`) and with the paper's short IDs (`colliding`: only
+                    colliding IDs carry it), rows alternating, twice each
   precompute        `--precompute K`: `ttds precompute`'s code path (`ttds.serve.precompute.precompute`: serving
                     engine, seen items excluded, a fresh SQLite store) over the first N users, k = K
 `--profile`: also where the engine's CPU time goes (`torch.profiler`, one `evaluate()` of up to 256 of the
@@ -57,6 +60,17 @@ def time_eval(model, evalset, label: str) -> dict:
     return {"variant": label, "users": m["n"], "wall_s": m["eval_seconds"], "cpu_s": m["eval_cpu_seconds"],
             "users_per_s": m["n"] / m["eval_seconds"], "users_per_cpu_s": m["n"] / max(m["eval_cpu_seconds"], 1e-9),
             "load_1m": os.getloadavg()[0]}
+
+
+def redisambiguate(index, only_colliding: bool):
+    """The same index with its disambiguation level re-made from the base codes (every ID with the token, or only
+    colliding IDs); an index without that level is returned as it is."""
+    from ttds.index.base import DISAMBIG_PREFIX, SemanticIndex
+    from ttds.index.collisions import disambiguate
+
+    if index is None or index.prefixes[-1] not in DISAMBIG_PREFIX.values():
+        return index
+    return SemanticIndex(disambiguate(index.codes[:, :-1], only_colliding), index.level_sizes, index.prefixes, index.tower)
 
 
 def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histories: list | None = None) -> dict:
@@ -109,6 +123,8 @@ def main():
     ap.add_argument("--baseline", help="also time this file's beam_search_prompts (an older beam.py)")
     ap.add_argument("--precompute", type=int, action="append", default=[], metavar="K",
                     help="also time `ttds precompute` of the first N users at k=K (repeatable)")
+    ap.add_argument("--short-ids", action="store_true", help="also time every ID with the disambiguation token vs the "
+                    "paper's short IDs (only colliding IDs with it), same model and codes, rows alternating")
     ap.add_argument("--int8", action="store_true", help="also time the model with dynamic int8 Linear layers (--quantize int8)")
     ap.add_argument("--profile", action="store_true", help="also list the operators that take the engine's CPU time")
     ap.add_argument("--threads", type=int, default=1)
@@ -189,6 +205,19 @@ def main():
                          "beam_batch": model.beam_batch})
         finally:
             beam.beam_search_prompts = engine
+    if args.short_ids:  # the same weights and base codes; only the disambiguation rule differs
+        keep = (model.item_index, model.user_index)
+        forms = {m: (redisambiguate(keep[0], m == "colliding"), redisambiguate(keep[1], m == "colliding"))
+                 for m in ("all", "colliding")}
+        for _ in range(2):
+            for m, (items, users) in forms.items():
+                model.set_index(items, users)
+                tokens = float(np.mean([len(p) for p in model.prompts(sub.users, sub.history)]))
+                rows.append({**time_eval(model, sub, f"IDs: disambiguation token on {m} IDs ({tokens:.1f} prompt tokens), "
+                                                     f"beam_batch {model.beam_batch}"),
+                             "beam_batch": model.beam_batch, "mean_prompt_tokens": tokens,
+                             "short_item_ids": float((items.codes[:, -1] < 0).mean())})
+        model.set_index(*keep)
     if args.int8:  # the same model with `--quantize int8` (dynamic int8 Linear layers of the LM body)
         import copy
 

@@ -144,6 +144,10 @@ def test_disambiguate_and_sinkhorn(tmp_path):
     idx.save(tmp_path / "i.json")
     back = SemanticIndex.load(tmp_path / "i.json")
     assert (back.codes == d).all() and back.level_sizes == [3, 3, 2]
+    alone = SemanticIndex(np.array([[0, 1, -1], [2, 2, -1]]), [3, 3, 4], ["a", "b", "p"])  # no collision at all
+    alone.save(tmp_path / "a.json")
+    back = SemanticIndex.load(tmp_path / "a.json")
+    assert (back.codes == alone.codes).all() and back.level_sizes == [3, 3, 4] and back.prefixes == ["a", "b", "p"]
     with pytest.raises(TTDSError, match="1 levels, expected 2"):  # only the disambiguation token may be missing
         SemanticIndex.from_tokens({"0": ["<a_0>", "<b_1>"], "1": ["<a_2>"]})
     # a new item: base codes of its own -> a short ID; shared with a short ID -> both get the token

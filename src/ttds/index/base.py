@@ -148,7 +148,10 @@ class SemanticIndex:
         meta = path.with_suffix(".meta.json")
         if meta.is_file():
             m = read_json(meta)
-            sizes = m.get("level_sizes")
+            sizes, prefixes = m.get("level_sizes"), m.get("prefixes")
+            if (isinstance(prefixes, list) and len(prefixes) == idx.n_levels + 1 and prefixes[:-1] == idx.prefixes
+                    and prefixes[-1] in DISAMBIG_PREFIX.values()):  # no ID collided: every one is short
+                idx = cls(np.hstack([idx.codes, np.full((idx.n, 1), -1)]), idx.level_sizes + [1], prefixes, idx.tower)
             if not (isinstance(sizes, list) and len(sizes) == idx.n_levels and all(s >= k for s, k in zip(sizes, idx.level_sizes))):
                 raise TTDSError(f"{meta}: key 'level_sizes': expected {idx.n_levels} sizes covering the codes in {path.name}")
             idx = cls(idx.codes, [int(s) for s in sizes], idx.prefixes, m.get("tower", tower))
