@@ -106,7 +106,7 @@ def compare(base: list[str | Path], other: list[str | Path], metrics=DEFAULT_MET
 
 def _name(path: str) -> str:
     p = Path(path)
-    return p.parent.name if p.name.startswith("ranks-") else p.name
+    return p.parent.name if p.name.startswith(("ranks-", "eval-")) else p.name  # a run folder's file: the run
 
 
 def format_compare(result: dict) -> str:
