@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ttds.errors import TTDSError
-from ttds.eval.metrics import per_user
-from ttds.io import load_safetensors
+from ttds.eval.metrics import parse_metric, per_user
 
 DEFAULT_METRICS = ("NDCG@10", "HR@10", "HR@1")
 
@@ -46,11 +45,8 @@ def load_ranks(path: str | Path, split: str = "test") -> dict:
 
     f = ranks_path(path, split)
     try:
-        t = load_safetensors(f)
         with safe_open(str(f), "pt") as h:
-            meta = h.metadata() or {}
-    except TTDSError:
-        raise
+            meta, t = h.metadata() or {}, {k: h.get_tensor(k) for k in h.keys()}
     except Exception as e:  # not a safetensors file
         raise TTDSError(f"{f}: not a ranks file ({e})") from None
     if not {"users", "targets", "ranks"} <= set(t) or not meta.get("k", "").isdigit():
@@ -60,8 +56,11 @@ def load_ranks(path: str | Path, split: str = "test") -> dict:
 
 
 def _check_metric(metric: str, k: int, where: Path) -> None:
-    cut = metric.partition("@")[2]
-    if cut.isdigit() and int(cut) > k:
+    try:
+        cut = parse_metric(metric)[1]
+    except ValueError:
+        raise TTDSError(f"--metric {metric!r}: expected HR@k, NDCG@k or MRR") from None
+    if cut > k:
         raise TTDSError(f"--metric {metric}: {where} holds ranks up to {k} only")
 
 

@@ -62,16 +62,24 @@ def ranks_from_lists(lists, targets, n_items: int) -> np.ndarray:
     return out
 
 
-def per_user(ranks, metric: str) -> np.ndarray:
-    """One user's value of `metric` ("HR@k", "NDCG@k" or "MRR") for each 0-based rank, [n] float64."""
-    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+def parse_metric(metric: str) -> tuple[str, int]:
+    """("HR" | "NDCG", k) or ("MRR", 0); ValueError for any other name."""
     if metric == "MRR":
-        return 1.0 / (r + 1.0)
+        return "MRR", 0
     name, _, k = metric.partition("@")
     if name not in ("HR", "NDCG") or not k.isdigit() or int(k) < 1:
         raise ValueError(f"metric {metric!r}: expected HR@k, NDCG@k or MRR")
-    hit = r < int(k)
-    return hit.astype(np.float64) if name == "HR" else np.where(hit, 1.0 / np.log2(np.minimum(r, int(k)) + 2.0), 0.0)
+    return name, int(k)
+
+
+def per_user(ranks, metric: str) -> np.ndarray:
+    """One user's value of `metric` ("HR@k", "NDCG@k" or "MRR") for each 0-based rank, [n] float64."""
+    name, k = parse_metric(metric)
+    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+    if name == "MRR":
+        return 1.0 / (r + 1.0)
+    hit = r < k
+    return hit.astype(np.float64) if name == "HR" else np.where(hit, 1.0 / np.log2(np.minimum(r, k) + 2.0), 0.0)
 
 
 def metrics_from_ranks(ranks, ks=(1, 5, 10)) -> dict[str, float]:

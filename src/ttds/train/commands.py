@@ -139,11 +139,8 @@ def register(app: typer.Typer) -> None:
         from ttds.eval.compare import DEFAULT_METRICS, compare, format_compare
         from ttds.io import write_json
 
-        metrics = tuple(metric or DEFAULT_METRICS)
-        for m in metrics:
-            if not (m == "MRR" or (m.partition("@")[0] in ("HR", "NDCG") and m.partition("@")[2].isdigit() and int(m.partition("@")[2]) >= 1)):
-                raise TTDSError(f"--metric {m!r}: expected HR@k, NDCG@k or MRR")
-        result = compare([p for p in base.split(",") if p], [p for p in other.split(",") if p], metrics, split)
+        result = compare([p for p in base.split(",") if p], [p for p in other.split(",") if p],
+                         tuple(metric or DEFAULT_METRICS), split)
         typer.echo(format_compare(result))
         if json_out:
             write_json(json_out, result)
