@@ -119,12 +119,13 @@ def _cfg(bb_dir, extra=()):
     return cfg
 
 
-def test_resume_gives_same_next_step_loss(bb_dir, tmp_path):
+def test_resume_gives_same_next_step_loss(bb_dir, tmp_path, caplog):
     from ttds.train import generative
 
     ds = load_dataset("builtin:users=40,items=30,seed=2")
     straight = generative.train(_cfg(bb_dir, ["train.max_steps=3"]), ds, tmp_path / "a")
     assert straight["steps"] == 3
+    assert "train.warmup_steps=2 is over half of the 3 planned steps" in caplog.text  # a short run is told
     import json
     losses_a = json.loads((tmp_path / "a" / "state.json").read_text())["losses"]
     generative.train(_cfg(bb_dir, ["train.max_steps=2"]), ds, tmp_path / "b")
@@ -136,7 +137,7 @@ def test_resume_gives_same_next_step_loss(bb_dir, tmp_path):
     assert losses_b[2] == pytest.approx(losses_a[2], rel=1e-5)
 
 
-def test_lr_schedule_ends_at_max_steps(bb_dir, tmp_path):
+def test_lr_schedule_ends_at_max_steps(bb_dir, tmp_path, caplog):
     """`train.max_steps` before the last of `train.epochs` ends the cosine there (as HF Trainer's max_steps), and
     training that stops between validations still validates its final weights."""
     import json
@@ -150,6 +151,7 @@ def test_lr_schedule_ends_at_max_steps(bb_dir, tmp_path):
     assert [h["step"] for h in state["history"]] == [3, 6, 8]  # the final weights are validated too
     mult = state["lr_mult"]
     assert len(mult) == 8 and mult[:2] == [0.5, 1.0]  # linear warm-up over train.warmup_steps=2
+    assert "warmup_steps" not in caplog.text  # 2 of 8 steps: no warning
     assert all(a > b for a, b in zip(mult[2:], mult[3:])) and mult[-1] < 0.2  # x0.99 when planned over 50 epochs
 
 

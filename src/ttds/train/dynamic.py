@@ -45,8 +45,8 @@ from ttds.io import load_safetensors, read_json
 from ttds.models.ttds import TowerTokenizer, TTDSRecommender
 from ttds.tasks.builders import TaskConfig
 from ttds.train.engine import warmup_cosine
-from ttds.train.generative import RecIndexConfig, _backbone, configure_inference
-from ttds.train.loop import GenEvalConfig, GenTrainConfig, LMTrainer, load_weights, resolve_seen_items, resolve_user_profile, start
+from ttds.train.generative import RecIndexConfig, _backbone, begin, configure_inference
+from ttds.train.loop import GenEvalConfig, GenTrainConfig, LMTrainer, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +337,7 @@ class DynamicTrainer(LMTrainer):
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     from ttds.index.build import check_user_fit, index_config, tower_inputs
 
-    ic = section(cfg, "index", RecIndexConfig)
-    resolve_seen_items(cfg, ds)
-    resolve_user_profile(cfg, ds, ic.user_source if ic.user else None)
-    out, device, split = start(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
+    ic, out, device, split = begin(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
     if split is None:
         return read_json(out / "metrics.json")
     dyn = section(cfg, "dynamic", DynamicConfig)

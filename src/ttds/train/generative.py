@@ -123,11 +123,17 @@ class GenerativeTrainer(LMTrainer):
                 {"params": [p for p in new if p.requires_grad], "lr": tc.id_lr, "base_lr": tc.id_lr, "name": "new"}]
 
 
-def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
+def begin(cfg: dict, ds: RecDataset, out_dir: Path):
+    """The LM recipes' first lines: the index config, the config's `auto` rules resolved from the data (seen items,
+    user profile), then `start` (run folder, torchrun group and device, split; split None = already finished)."""
     ic = section(cfg, "index", RecIndexConfig)
     resolve_seen_items(cfg, ds)
     resolve_user_profile(cfg, ds, ic.user_source if ic.user else None)
-    out, device, split = start(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
+    return (ic, *start(cfg, ds, out_dir))
+
+
+def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
+    ic, out, device, split = begin(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
     if split is None:
         return read_json(out / "metrics.json")
     backbone = _backbone(cfg, device)

@@ -363,6 +363,9 @@ class LMTrainer:
         # x0.93, and validation NDCG@10 swung by up to 0.015 between neighbouring checkpoints.) A resume with a
         # larger max_steps stretches the rest of the schedule.
         self.total_steps = max(1, min(tc.epochs * per_epoch, tc.max_steps) if tc.max_steps else tc.epochs * per_epoch)
+        if tc.warmup_steps * 2 > self.total_steps:
+            log.warning("train.warmup_steps=%d is over half of the %d planned steps: the lr peaks late or never "
+                        "(set train.warmup_steps lower for a short run)", tc.warmup_steps, self.total_steps)
         # the epochs this run will reach: `train.max_steps` may end it first (what "the final epochs" count from)
         self.last_epoch = min(tc.epochs, math.ceil(tc.max_steps / per_epoch)) if tc.max_steps else tc.epochs
         # MFU on CPU: FLOP per CPU-second of this process against the matmul's (robust to a shared machine);
