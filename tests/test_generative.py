@@ -79,6 +79,36 @@ def test_tasks_targets_and_no_leak(bb_dir):
     assert model.id_emb.grad is not None and model.id_emb.grad.abs().sum() > 0
 
 
+def test_batches_survive_ids_changing_length(bb_dir):
+    """A re-assignment that lengthens some short IDs (a new collision) and shortens others leaves the epoch's
+    batches as they were (buckets by `Example.slots`), while the examples' tokens do change."""
+    from ttds.tasks.builders import PromptCodec
+    from ttds.train.engine import bucket_batches
+
+    ds = load_dataset("builtin:users=30,items=40,seed=3")
+    bb = Backbone.load(BackboneConfig(name_or_path=str(bb_dir), causal=True))
+    rng = np.random.default_rng(0)
+    V = int(bb.hf_model.get_input_embeddings().num_embeddings)
+    items = V + rng.integers(0, 8, (ds.n_items, 3))
+    users = V + 100 + rng.integers(0, 8, (ds.n_users, 3))
+    items[:, 2] = np.where(np.arange(ds.n_items) % 3 == 0, items[:, 2], -1)  # a third of the items: 3 tokens
+    users[:, 2] = np.where(np.arange(ds.n_users) % 2 == 0, users[:, 2], -1)
+    after_i, after_u = items.copy(), users.copy()
+    after_i[:, 2] = np.where(np.arange(ds.n_items) % 3 == 1, V + 7, -1)  # other items long now
+    after_u[:, 2] = np.where(np.arange(ds.n_users) % 2 == 1, V + 107, -1)
+    train = [s[:-2] for s in ds.sequences]
+    cfg = TaskConfig(seqrec=1.0, item2index=0.5, index2item=0.5, userpred=0.5, review=0.5)
+    out = []
+    for it, us in ((items, users), (after_i, after_u)):
+        ex = build_epoch(TaskData(ds, train, PromptCodec(bb.tokenizer, it, us), 5), cfg, np.random.default_rng(1))
+        out.append((ex, bucket_batches(ex, 4, np.random.default_rng(2))))
+    (ex0, b0), (ex1, b1) = out
+    assert [e.slots for e in ex0] == [e.slots for e in ex1]
+    assert sum(len(a.tokens) != len(b.tokens) for a, b in zip(ex0, ex1)) > len(ex0) // 4  # lengths did change
+    assert all((e.tokens >= 0).all() and len(e.tokens) == len(e.target) <= e.slots for e in ex0 + ex1)
+    assert b0 == b1
+
+
 def test_tiny_model_overfits_to_hr1(bb_dir):
     from ttds.tasks.builders import _example
 

@@ -34,6 +34,8 @@ USER_PROFILES = ("all", "earlier", "auto")
 class Example:
     tokens: np.ndarray  # [T] int64 unified token ids
     target: np.ndarray  # [T] bool: token is predicted from the previous position
+    slots: int = 0  # T if every ID had its full length (short IDs count their missing token): the bucketing length,
+    # the same before and after a code re-assignment (0 = T)
 
 
 @dataclass
@@ -77,23 +79,26 @@ class PromptCodec:
         self._cache[s] = ids
         return ids
 
-    def user(self, u) -> list[np.ndarray]:
+    def user(self, u, gaps: bool = False) -> list[np.ndarray]:
         """`u`: a user id; or the unified ID tokens (np.ndarray) of a user outside the index (an anonymous
         user whose ID the user tower assigned from their text); or None / a negative id (PAD): an unknown
-        user without an ID, rendered "the user" as by a model without a user tower."""
+        user without an ID, rendered "the user" as by a model without a user tower. `gaps`: keep a short ID's -1
+        (the training builders do; `_example` drops them)."""
         if isinstance(u, np.ndarray):
-            return [self.text("user"), u[u >= 0]]
-        if self.user_tokens is None or u is None or u < 0:
+            t = u
+        elif self.user_tokens is None or u is None or u < 0:
             return [self.text("the user")]
-        return [self.text("user"), self.user_tokens[u][self.user_tokens[u] >= 0]]
+        else:
+            t = self.user_tokens[u]
+        return [self.text("user"), t if gaps else t[t >= 0]]
 
-    def items(self, items) -> np.ndarray:
-        """The ID tokens of these items, one after the other."""
+    def items(self, items, gaps: bool = False) -> np.ndarray:
+        """The ID tokens of these items, one after the other (`gaps`: with the -1 of short IDs, see `user`)."""
         t = self.item_tokens[np.asarray(items, dtype=np.int64)].reshape(-1)
-        return t[t >= 0]
+        return t if gaps else t[t >= 0]
 
-    def render(self, template: str, **values) -> np.ndarray:
-        """Template with {user} {item} {title} {description} {history} filled in (no targets)."""
+    def render(self, template: str, gaps: bool = False, **values) -> np.ndarray:
+        """Template with {user} {item} {title} {description} {history} filled in (no targets; `gaps`: see `user`)."""
         parts: list[np.ndarray] = [np.asarray(self.bos, dtype=np.int64)]
         pos = 0
         for m in _FIELD.finditer(template):
@@ -101,11 +106,11 @@ class PromptCodec:
                 parts.append(self.text(template[pos:m.start()]))
             name, v = m.group(1), values[m.group(1)]
             if name == "user":
-                parts.extend(self.user(v))
+                parts.extend(self.user(v, gaps))
             elif name == "item":
-                parts.append(self.items([v]))
+                parts.append(self.items([v], gaps))
             elif name == "history":
-                parts.append(self.items(v))
+                parts.append(self.items(v, gaps))
             else:
                 parts.append(self.text(str(v), self.max_text_tokens))
             pos = m.end()
@@ -119,7 +124,12 @@ class PromptCodec:
 
 
 def _example(prompt: np.ndarray, answer: np.ndarray) -> Example:
-    return Example(np.concatenate([prompt, answer]), np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)]))
+    """Prompt and answer rendered with gaps (-1: a short ID's missing token): the gaps are dropped and counted in
+    `slots`, so a re-assignment that lengthens or shortens an ID does not move the example to another bucket."""
+    tokens = np.concatenate([prompt, answer])
+    target = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)])
+    keep = tokens >= 0
+    return Example(tokens[keep], target[keep], len(tokens))
 
 
 def window_bounds(n: int, length: int) -> list[tuple[int, int]]:
@@ -180,8 +190,8 @@ def seqrec_earlier_examples(d: TaskData, rng: np.random.Generator) -> list[Examp
     out = []
     for i, (u, a, b, c, t) in enumerate(plan):
         s = d.train[u]
-        prompt = d.codec.render(T.SEQREC[t], user=ids.get(i))
-        out.append(_example(np.concatenate([prompt, d.codec.items(s[a:c])]), d.codec.items(s[c:b])))
+        prompt = d.codec.render(T.SEQREC[t], gaps=True, user=ids.get(i))
+        out.append(_example(np.concatenate([prompt, d.codec.items(s[a:c], True)]), d.codec.items(s[c:b], True)))
     return out
 
 
@@ -189,8 +199,8 @@ def seqrec_examples(d: TaskData, rng: np.random.Generator) -> list[Example]:
     out = []
     for u, s in enumerate(d.train):
         for w in windows(s, d.max_history + 1):
-            prompt = d.codec.render(T.SEQREC[rng.integers(len(T.SEQREC))], user=u)
-            out.append(_example(prompt, d.codec.items(w)))
+            prompt = d.codec.render(T.SEQREC[rng.integers(len(T.SEQREC))], gaps=True, user=u)
+            out.append(_example(prompt, d.codec.items(w, True)))
     return out
 
 
@@ -203,7 +213,7 @@ def item2index_examples(d: TaskData, n: int, rng: np.random.Generator) -> list[E
             tpl = T.ITEM2INDEX[0]
         if not titles[i].strip() and "{title}" in tpl:
             continue
-        out.append(_example(d.codec.render(tpl, title=titles[i], description=descs[i]), d.codec.items([i])))
+        out.append(_example(d.codec.render(tpl, gaps=True, title=titles[i], description=descs[i]), d.codec.items([i], True)))
     return out
 
 
@@ -213,7 +223,7 @@ def index2item_examples(d: TaskData, n: int, rng: np.random.Generator) -> list[E
     for i in rng.integers(0, d.ds.n_items, n):
         if titles[i].strip():
             answer = np.concatenate([d.codec.text(titles[i], d.codec.max_text_tokens), np.asarray(d.codec.eos, np.int64)])
-            out.append(_example(d.codec.render(T.INDEX2ITEM[rng.integers(len(T.INDEX2ITEM))], item=int(i)), answer))
+            out.append(_example(d.codec.render(T.INDEX2ITEM[rng.integers(len(T.INDEX2ITEM))], gaps=True, item=int(i)), answer))
     return out
 
 
@@ -224,9 +234,8 @@ def userpred_examples(d: TaskData, n: int, rng: np.random.Generator) -> list[Exa
     out = []
     for i in rng.choice(candidates, n) if len(candidates) else []:
         users = d.buyers[i][-(d.max_history + 1):]
-        prompt = d.codec.render(T.USERPRED[rng.integers(len(T.USERPRED))], item=int(i))
-        ids = d.codec.user_tokens[users].reshape(-1)
-        out.append(_example(prompt, ids[ids >= 0]))
+        prompt = d.codec.render(T.USERPRED[rng.integers(len(T.USERPRED))], gaps=True, item=int(i))
+        out.append(_example(prompt, d.codec.user_tokens[users].reshape(-1)))
     return out
 
 
@@ -241,7 +250,7 @@ def review_examples(d: TaskData, n: int, rng: np.random.Generator) -> list[Examp
             continue
         t = texts[rng.integers(len(texts))]
         hist = d.train[u][max(0, pos[t.item] + 1 - d.max_history): pos[t.item] + 1]
-        prompt = d.codec.render(T.REVIEW[rng.integers(len(T.REVIEW))], user=int(u), history=hist)
+        prompt = d.codec.render(T.REVIEW[rng.integers(len(T.REVIEW))], gaps=True, user=int(u), history=hist)
         answer = np.concatenate([d.codec.text(t.text, d.codec.max_text_tokens), np.asarray(d.codec.eos, np.int64)])
         out.append(_example(prompt, answer))
     return out

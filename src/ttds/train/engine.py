@@ -14,9 +14,9 @@ from ttds.tasks.builders import Example
 
 
 def bucket_batches(examples: list[Example], batch_size: int, rng: np.random.Generator, max_tokens: int = 0) -> list[list[int]]:
-    """Batches of similar length: sort by length (random tie-break), cut into batches of `batch_size`
-    examples (or fewer when `max_tokens` caps padded tokens per batch), shuffle the batch order."""
-    lengths = np.asarray([len(e.tokens) for e in examples])
+    """Batches of similar length: sort by length (`Example.slots`, random tie-break), cut into batches of
+    `batch_size` examples (or fewer when `max_tokens` caps padded slots per batch), shuffle the batch order."""
+    lengths = np.asarray([e.slots or len(e.tokens) for e in examples])  # slots: unchanged by a code re-assignment
     order = np.lexsort((rng.random(len(lengths)), lengths))
     batches, cur = [], []
     for i in order:

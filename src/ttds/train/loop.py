@@ -207,7 +207,8 @@ def start(cfg: dict, ds: RecDataset, out_dir: Path) -> tuple[Path, torch.device,
 
 def epoch_batches(data: TaskData, task_cfg: TaskConfig, tc: GenTrainConfig, seed: int, epoch: int):
     """The epoch's task-mix examples and length-bucketed micro-batches. A fixed RNG stream per epoch: every
-    rank, a resumed run and a rebuild after a code re-assignment (an ID keeps its length) get the same batches."""
+    rank, a resumed run and a rebuild after a code re-assignment get the same batches (buckets by `Example.slots`,
+    which counts a short ID's missing token: a re-assignment that lengthens or shortens an ID moves no example)."""
     rng = np.random.default_rng([seed, epoch])
     examples = build_epoch(data, task_cfg, rng)
     return examples, bucket_batches(examples, tc.batch_size, rng, tc.max_tokens)
