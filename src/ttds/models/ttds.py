@@ -7,9 +7,11 @@
 How the recommendation loss reaches the tokenizers (the design choice of this implementation):
   * The embedding of `<b_7>` (item tower, level 1, code 7) is `P_item(codebook_1[7]) + R[<b_7>]`: a
     linear projection of the RQ-VAE code vector into the backbone's width plus a free row of
-    `GenerativeRecommender.id_emb` that starts at zero (`dynamic.id_rows`; false = the projection
-    only). It is used both as the input embedding and as the tied output row of the ID-only head
-    (`GenerativeRecommender.id_table`). Every gradient of L_LLM on an ID token therefore lands on a
+    `GenerativeRecommender.id_emb` (`dynamic.id_rows`; false = the projection only). At the start
+    (`dynamic.id_init`) either the free rows are zero, so E = P(codebook) (`projected`), or they are
+    random like TTSS's rows and P is zero (`random`; P and the codebooks then learn from there). It is
+    used both as the input embedding and as the tied output row of the ID-only head
+    (`GenerativeRecommender.id_table`). With P non-zero, every gradient of L_LLM on an ID token therefore lands on a
     codebook vector (and on P); the free row gives the ID tokens the same freedom as in the static
     twin (TTSS), whose rows are all free, so the comparison measures the dynamic index, not a
     constrained embedding. Levels without a codebook (the disambiguation level that makes IDs unique,
@@ -48,6 +50,8 @@ from ttds.index.rqvae import RQVAE
 from ttds.models.generative import GenerativeRecommender
 
 log = logging.getLogger(__name__)
+
+ID_INITS = ("projected", "random")  # `dynamic.id_init`: how the ID embeddings start (TTDSRecommender)
 
 
 class TowerTokenizer(nn.Module):
@@ -181,7 +185,8 @@ class TTDSRecommender(GenerativeRecommender):
     """`GenerativeRecommender` whose ID embeddings come from the towers' codebooks (see module doc)."""
 
     def __init__(self, backbone, item_index: SemanticIndex, user_index: SemanticIndex | None,
-                 towers: dict[str, TowerTokenizer], max_text_tokens: int = 32, free_rows: bool = True):
+                 towers: dict[str, TowerTokenizer], max_text_tokens: int = 32, free_rows: bool = True,
+                 id_init: str = "projected"):
         super().__init__(backbone, item_index, user_index, max_text_tokens=max_text_tokens)
         self.towers = nn.ModuleDict(towers)
         self.free_rows = free_rows
@@ -196,6 +201,12 @@ class TTDSRecommender(GenerativeRecommender):
             self.register_buffer("user_codes", torch.as_tensor(user_index.codes))
         self.id_embedding_provider = self._projected_table
         self._cache: tuple | None = None
+        if id_init == "random":  # start as TTSS does: random free rows (word-embedding std), P = 0 (still trained)
+            with torch.no_grad():
+                self.id_emb.normal_(0.0, float(backbone.hf_model.get_input_embeddings().weight.std()))
+                for t in self.towers.values():
+                    if t.has_codebooks:
+                        t.proj.weight.zero_()
 
     # ------------------------------------------------------------------ ID embeddings
 

@@ -42,7 +42,7 @@ from ttds.config import section
 from ttds.data.dataset import RecDataset
 from ttds.errors import TTDSError
 from ttds.io import load_safetensors, read_json
-from ttds.models.ttds import TowerTokenizer, TTDSRecommender
+from ttds.models.ttds import ID_INITS, TowerTokenizer, TTDSRecommender
 from ttds.tasks.builders import TaskConfig
 from ttds.train.engine import warmup_cosine
 from ttds.train.generative import RecIndexConfig, _backbone, begin, configure_inference
@@ -61,10 +61,18 @@ class DynamicConfig:
     reassign_steps: int = 0  # optimizer steps between re-assignments (0 = by epochs)
     refresh_text: bool = True  # re-encode X = f(C) with the current backbone at each re-assignment
     reassign_margin: float = 2.0  # sticky re-assignment: a code changes only if another is closer by > this share
-    id_rows: bool = True  # ID embedding = P(codebook) + a free row (zero at start); false: P(codebook) only
+    id_rows: bool = True  # ID embedding = P(codebook) + a free row; false: P(codebook) only
+    id_init: str = "projected"  # projected: E = P(codebook) at start (free rows zero) | random: TTSS-like random rows, P zero
     freeze_last_epochs: int = 0  # ETEGRec-style: no re-assignment, frozen tokenizers in the final epochs
     disambig_capacity: int = 64  # size of the disambiguation level (fixed token space)
     behaviour_weight: float = 0.0  # >0: item tokenizer input at re-assignment = text X + w x mean LM state predicting the item
+
+    def __post_init__(self):
+        if self.id_init not in ID_INITS:
+            raise TTDSError(f"config dynamic.id_init={self.id_init!r}: expected one of {', '.join(ID_INITS)}")
+        if self.id_init == "random" and not self.id_rows:
+            raise TTDSError("config dynamic.id_init=random: needs dynamic.id_rows=true (the random start lives in the free "
+                            "rows; without them every ID embedding would start at zero)")
 
 
 @dataclass
@@ -111,9 +119,9 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
 
 
 def _finish_model(cfg: dict, backbone, towers: dict[str, TowerTokenizer], indices: dict,
-                  free_rows: bool) -> TTDSRecommender:
+                  free_rows: bool, id_init: str = "projected") -> TTDSRecommender:
     tc = section(cfg, "tasks", TaskConfig)
-    model = TTDSRecommender(backbone, indices["item"], indices.get("user"), towers, tc.max_text_tokens, free_rows)
+    model = TTDSRecommender(backbone, indices["item"], indices.get("user"), towers, tc.max_text_tokens, free_rows, id_init)
     return configure_inference(model, section(cfg, "eval", GenEvalConfig))
 
 
@@ -124,7 +132,8 @@ def build_model(cfg: dict, ds: RecDataset, backbone, out: Path) -> TTDSRecommend
     towers = {"item": _tower(cfg, ds, backbone, "item", ic.source, out, dyn)}
     if ic.user:
         towers["user"] = _tower(cfg, ds, backbone, "user", ic.user_source, out, dyn)
-    return _finish_model(cfg, backbone, towers, {name: t.assign() for name, t in towers.items()}, dyn.id_rows)
+    return _finish_model(cfg, backbone, towers, {name: t.assign() for name, t in towers.items()}, dyn.id_rows,
+                         dyn.id_init)
 
 
 def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRecommender:
