@@ -202,6 +202,7 @@ class TTDSRecommender(GenerativeRecommender):
         self.id_embedding_provider = self._projected_table
         self._cache: tuple | None = None
         if id_init == "random":  # start as TTSS does: random free rows (word-embedding std), P = 0 (still trained)
+            # (re-drawn rather than skipping the zeroing above: the draw that sessions 17-18's figures were made with)
             with torch.no_grad():
                 self.id_emb.normal_(0.0, float(backbone.hf_model.get_input_embeddings().weight.std()))
                 for t in self.towers.values():
