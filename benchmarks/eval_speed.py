@@ -17,6 +17,8 @@ Variants, side by side in one run (same model, same users):
                     colliding IDs carry it), rows alternating, twice each
   precompute        `--precompute K`: `ttds precompute`'s code path (`ttds.serve.precompute.precompute`: serving
                     engine, seen items excluded, a fresh SQLite store) over the first N users, k = K
+  bf16              `--bf16 R`: the same weights with `eval.precision: bf16` (autocast) against fp32, rows
+                    alternating, R repeats each
 `--profile`: also where the engine's CPU time goes (`torch.profiler`, one `evaluate()` of up to 256 of the
 users, the operators with the most self CPU time).
 
@@ -97,6 +99,16 @@ def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histor
             "users_per_s": r["users"] / wall, "users_per_cpu_s": r["users"] / max(cpu, 1e-9), "load_1m": os.getloadavg()[0]}
 
 
+def agreement(model, other, sub) -> dict:
+    """How much `other` (the same trained model in another precision) changes the lists and metrics on `sub`."""
+    from ttds.eval.evaluator import evaluate
+
+    a, b = model.recommend(sub.users, sub.history, 10), other.recommend(sub.users, sub.history, 10)
+    return {"top10_overlap": float(np.mean([len(set(x.tolist()) & set(y.tolist())) / 10 for x, y in zip(a, b)])),
+            "top1_same": float((a[:, 0] == b[:, 0]).float().mean()),
+            "ndcg10": [evaluate(m, sub, progress=False)["NDCG@10"] for m in (model, other)]}
+
+
 def profile_ops(model, evalset, top: int = 8) -> list[dict]:
     """The `top` operators by self CPU time in one `evaluate()` of `evalset`: name, share of the total, calls."""
     from torch.profiler import ProfilerActivity, profile
@@ -126,6 +138,8 @@ def main():
     ap.add_argument("--short-ids", action="store_true", help="also time every ID with the disambiguation token vs the "
                     "paper's short IDs (only colliding IDs with it), same model and codes, rows alternating")
     ap.add_argument("--int8", action="store_true", help="also time the model with dynamic int8 Linear layers (--quantize int8)")
+    ap.add_argument("--bf16", type=int, default=0, metavar="R", help="also time eval.precision=bf16 against fp32, R "
+                    "alternating repeats each (and, with --model-dir, how much bf16 changes the top-10 lists)")
     ap.add_argument("--profile", action="store_true", help="also list the operators that take the engine's CPU time")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--target-minutes", type=float, default=15.0)
@@ -227,12 +241,18 @@ def main():
         quantize_int8(q)
         rows.append({**time_eval(q, sub, f"int8 (dynamic), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
         if args.model_dir:  # a trained model: how much int8 changes its lists and metrics on these users
-            from ttds.eval.evaluator import evaluate
+            info["int8"] = agreement(model, q, sub)
+    if args.bf16:  # the same weights with `eval.precision: bf16` (autocast in recommend)
+        import copy
 
-            a, b = model.recommend(sub.users, sub.history, 10), q.recommend(sub.users, sub.history, 10)
-            info["int8_top10_overlap"] = float(np.mean([len(set(x.tolist()) & set(y.tolist())) / 10 for x, y in zip(a, b)]))
-            info["int8_top1_same"] = float((a[:, 0] == b[:, 0]).float().mean())
-            info["ndcg10_fp32_int8"] = [evaluate(m, sub, progress=False)["NDCG@10"] for m in (model, q)]
+        b = copy.copy(model)  # shares the parameters; only the precision attribute differs
+        b.precision = "bf16"
+        for r in range(args.bf16):  # rows alternate, so load changes hit both alike
+            rows.append({**time_eval(model, sub, f"fp32 (repeat {r + 1}), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
+            rows.append({**time_eval(b, sub, f"bf16 autocast (repeat {r + 1}), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
+        info["dense_peak_flops_per_cpu_s_bf16"] = dense_peak_flops(repeats=20, clock=time.process_time, dtype=torch.bfloat16)
+        if args.model_dir:
+            info["bf16"] = agreement(model, b, sub)
     for k in args.precompute:
         rows.append({**time_precompute(model, ds, cfg, n, k), "beam_batch": model.beam_batch})
     if args.profile:
@@ -259,9 +279,14 @@ def main():
     lines += [f"| {r['variant']} | {r['users_per_s']:.2f} | {r['users_per_cpu_s']:.2f} | {r['achieved_flops_per_cpu_s'] / 1e9:.0f} | "
               f"{r['extrapolated_full_test_min']:.1f} | "
               f"{r['extrapolated_full_test_min_cpu']:.1f} | {r['load_1m']:.1f} |" for r in rows]
-    if "int8_top10_overlap" in info:
-        lines += ["", f"int8 vs fp32 on these users: top-10 overlap {info['int8_top10_overlap']:.3f}, same top-1 "
-                  f"{info['int8_top1_same']:.3f}, NDCG@10 {info['ndcg10_fp32_int8'][0]:.4f} (fp32) vs {info['ndcg10_fp32_int8'][1]:.4f} (int8)."]
+    if "dense_peak_flops_per_cpu_s_bf16" in info:
+        lines += ["", f"Dense 1024^2 matmul in bf16: {info['dense_peak_flops_per_cpu_s_bf16'] / 1e9:.0f} GFLOP per CPU-second "
+                  f"(fp32 {info['dense_peak_flops_per_cpu_s'] / 1e9:.0f})."]
+    for name in ("int8", "bf16"):
+        if name in info:
+            a = info[name]
+            lines += ["", f"{name} vs fp32 on these users: top-10 overlap {a['top10_overlap']:.3f}, same top-1 "
+                      f"{a['top1_same']:.3f}, NDCG@10 {a['ndcg10'][0]:.4f} (fp32) vs {a['ndcg10'][1]:.4f} ({name})."]
     if "profile" in info:
         lines += ["", f"Self CPU time by operator (`--profile`, evaluate() of {min(n, 256)} users), top {len(info['profile'])}:", "",
                   "| operator | share of self CPU time | calls |", "|---|---|---|"]

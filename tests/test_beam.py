@@ -173,3 +173,37 @@ def test_hf_generate_adapter_agrees_with_the_engine(model):
         ours, _ = beam_search(model, prompts, model.trie, 0, beam=8, k=5)
         for p, row in zip(prompts, ours.tolist()):
             assert bench.hf_recommend(adapter, model, np.asarray(p), 8, 5) == row
+
+
+def test_bf16_precision_runs_the_backbone_in_bf16_and_keeps_the_ranking(model, monkeypatch):
+    """`eval.precision: bf16` (autocast in recommend): the backbone's Linear layers really run in bf16, the items stay
+    valid and unique, and the scores stay those of fp32 up to bf16 rounding; `auto` follows `has_fast_bf16`."""
+    from ttds import runtime
+    from ttds.errors import TTDSError
+    from ttds.runtime import resolve_precision
+
+    users, hist = torch.tensor([0, 3, 5]), torch.tensor([[1, 2, 3], [-1, -1, 5], [-1, -1, -1]])
+    seen = []
+    lin = next(m for m in model.backbone.body.modules() if isinstance(m, torch.nn.Linear))
+    hook = lin.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    try:
+        ref, ref_s = model.recommend(users, hist, k=10, return_scores=True)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        model.precision = "bf16"
+        got, got_s = model.recommend(users, hist, k=10, return_scores=True)
+        assert set(seen) == {torch.bfloat16}
+    finally:
+        model.precision = "fp32"
+        hook.remove()
+    n = model.item_index.n
+    for row in got.tolist():
+        assert all(0 <= e < n for e in row) and len(set(row)) == 10
+    assert got_s.dtype == torch.float32 and torch.allclose(got_s[:, 0], ref_s[:, 0], atol=0.1)
+    assert (got[:, 0] == ref[:, 0]).all()
+    for fast, want in [(True, "bf16"), (False, "fp32")]:
+        monkeypatch.setattr(runtime, "has_fast_bf16", lambda device, fast=fast: fast)
+        assert resolve_precision("auto", "cpu", "eval.precision") == want
+    assert resolve_precision("fp32", "cpu", "eval.precision") == "fp32"
+    with pytest.raises(TTDSError, match=r"eval\.precision='fp16': expected one of fp32, bf16, auto"):
+        resolve_precision("fp16", "cpu", "eval.precision")

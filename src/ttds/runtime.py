@@ -49,6 +49,34 @@ def setup_torch(cfg: dict):
     return torch.device(device)
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def has_fast_bf16(device) -> bool:
+    """Whether bf16 matmuls are fast on `device`: a CUDA GPU with bf16, or a CPU with AMX or AVX-512 BF16
+    units. Measured (`benchmarks/precision.py`): on an AMX Xeon a bf16 matmul runs ~6x fp32; on an AVX2-only
+    EPYC bf16 ran under 1 GFLOP/s (../shared/NOTES.md), so there it must stay off."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":  # torch has no public test for these units; a missing one reads as "no"
+        return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
+
+
+def resolve_precision(value, device, key: str) -> str:
+    """A precision setting (`key` names it in errors) as fp32 | bf16; `auto` = bf16 where `has_fast_bf16`."""
+    from ttds.errors import TTDSError
+
+    if value not in PRECISIONS:
+        raise TTDSError(f"config {key}={value!r}: expected one of {', '.join(PRECISIONS)}")
+    if value == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    return value
+
+
 def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.setLevel(level)

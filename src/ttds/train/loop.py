@@ -51,7 +51,7 @@ from ttds.data.dataset import EvalSet, RecDataset, Split, leave_one_out, repeat_
 from ttds.errors import TTDSError
 from ttds.eval.evaluator import evaluate
 from ttds.io import load_safetensors, read_json, save_safetensors, write_json
-from ttds.runtime import machine_info, peak_rss_mb, start_run
+from ttds.runtime import has_fast_bf16, machine_info, peak_rss_mb, resolve_precision, start_run
 from ttds.tasks import templates
 from ttds.tasks.builders import USER_PROFILES, TaskConfig, TaskData, build_epoch
 from ttds.train.classic import _load_optim, _optim_tensors
@@ -80,7 +80,7 @@ class GenTrainConfig:
     max_minutes: float = 0.0  # training wall-clock budget (0 = none)
     max_steps: int = 0  # stop after this many optimizer steps (0 = none); the lr schedule then ends there (as HF Trainer)
     log_steps: int = 20
-    precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: CPUs without bf16 units run it ~100x slower)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on a GPU or CPU with bf16 units: runtime.has_fast_bf16)
     freeze_word_embeddings: bool = True  # the pretrained word table (half of MiniLM) stays fixed: faster steps
 
 
@@ -91,6 +91,7 @@ class GenEvalConfig:
     mask_seen: bool = False
     beam: int = 20
     beam_batch: int = 32  # users per beam-search forward (x beam sequences)
+    precision: str = "fp32"  # beam search in fp32 | bf16 (autocast) | auto (bf16 where runtime.has_fast_bf16)
     template: int = 0  # the fixed template of the reported numbers
     template_mean_users: int = 2000  # test users for the mean over all templates (0 = all, -1 = skip)
     final_valid: bool = True  # also evaluate the best model on every validation user at the end
@@ -268,10 +269,9 @@ class LMTrainer:
         self.max_hist = int(cfg["data"]["max_history"])
         self.valid = sample_users(split.valid, self.tc.valid_users, self.seed)
         self.data: TaskData | None = None
-        if self.tc.precision not in ("fp32", "bf16"):
-            raise TTDSError(f"config train.precision={self.tc.precision!r}: expected fp32 or bf16")
-        if self.tc.precision == "bf16" and device.type == "cpu":
-            log.warning("train.precision=bf16 on a CPU: only useful with bf16 hardware (see NOTES: <1 GFLOP/s here)")
+        self.tc.precision = resolve_precision(self.tc.precision, device, "train.precision")
+        if self.tc.precision == "bf16" and not has_fast_bf16(device):
+            log.warning("train.precision=bf16 without bf16 units on %s: very slow (../shared/NOTES.md: <1 GFLOP/s)", device)
 
     # ------------------------------------------------------------ hooks (see the module doc)
 
