@@ -185,6 +185,31 @@ def test_lr_schedule_ends_at_max_steps(bb_dir, tmp_path, caplog):
     assert all(a > b for a, b in zip(mult[2:], mult[3:])) and mult[-1] < 0.2  # x0.99 when planned over 50 epochs
 
 
+def test_train_precision_auto_trains_in_bf16_where_the_machine_has_bf16_units(bb_dir, tmp_path, monkeypatch):
+    """`train.precision: auto` follows `runtime.has_fast_bf16`: with bf16 units the steps run under bf16 autocast (the
+    backbone's Linear layers output bf16), the MFU is taken against a bf16 matmul peak, and metrics.json records it."""
+    from ttds import runtime
+    from ttds.train import engine, generative
+    from ttds.train import loop as loop_mod
+
+    monkeypatch.setattr(runtime, "has_fast_bf16", lambda device: True)
+    peaks, real_peak = [], engine.dense_peak_flops
+    monkeypatch.setattr(loop_mod, "dense_peak_flops", lambda **kw: (peaks.append(kw.get("dtype")), real_peak(n=128, **kw))[1])
+    seen, real_linear = [], torch.nn.Linear.forward
+
+    def linear(self, x):
+        y = real_linear(self, x)
+        if torch.is_grad_enabled():  # training steps (validation runs under no_grad)
+            seen.append(y.dtype)
+        return y
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", linear)
+    ds = load_dataset("builtin:users=40,items=30,seed=2")
+    m = generative.train(_cfg(bb_dir, ["train.max_steps=2", "train.precision=auto", "eval.template_mean_users=-1"]), ds, tmp_path / "a")
+    assert torch.bfloat16 in seen
+    assert peaks == [torch.bfloat16] and m["precision"]["train"] == "bf16"
+
+
 def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path, monkeypatch):
     import ttds.serve.engine as serve_engine
     from ttds.errors import TTDSError
@@ -220,6 +245,12 @@ def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path, monkeypatch):
     assert r["quantize"] == "int8" and 0 <= r["metrics"]["NDCG@10"] <= 1 and (out / "eval-builtin-test-int8.json").is_file()
     with pytest.raises(TTDSError, match="--quantize"):
         eval_model(out, "builtin:users=40,items=30,seed=2", quantize="fp8")
+    # `ttds eval --set eval.precision=bf16`: beam search under bf16 autocast, recorded, in its own file
+    assert metrics["precision"] == {"train": "fp32", "eval": "fp32"}
+    r = eval_model(out, "builtin:users=40,items=30,seed=2", overrides=["eval.precision=bf16"])
+    assert r["precision"] == "bf16" and 0 <= r["metrics"]["NDCG@10"] <= 1 and (out / "eval-builtin-test-bf16.json").is_file()
+    with pytest.raises(TTDSError, match=r"eval\.precision='half'"):
+        eval_model(out, "builtin:users=40,items=30,seed=2", overrides=["eval.precision=half"])
 
 
 def test_repeat_rate_counts_targets_within_the_history_window():

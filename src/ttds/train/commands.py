@@ -30,7 +30,7 @@ def train_model(model: str, data: str, out: Path | None = None, config: str | No
 
 def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool = False,
                overrides: list[str] | None = None, quantize: str = "none") -> dict:
-    """Full-ranking metrics of a saved model on one split, written to eval-<dataset>-<split>[-exclude_seen][-int8].json
+    """Full-ranking metrics of a saved model on one split, written to eval-<dataset>-<split>[-exclude_seen][-int8][-bf16].json
     (and every user's rank to the same name with .ranks.safetensors, for `ttds compare`).
     `quantize="int8"`: a generative model's LM runs with dynamic int8 Linear layers (`ttds.serve.engine.quantize_int8`,
     as `ttds serve --quantize int8` does): faster on the CPU, but its rankings differ, so the file says so."""
@@ -60,16 +60,19 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
     if hasattr(model, "exclude_seen"):  # a generative model: `--set eval.seen_items=...` re-decides its seen-item rule
         from ttds.train.loop import resolve_seen_items
         model.exclude_seen = resolve_seen_items(cfg, ds) == "exclude"
+    if hasattr(model, "precision"):  # `--set eval.precision=bf16|auto` too
+        from ttds.runtime import resolve_precision
+        model.precision = resolve_precision((cfg.get("eval") or {}).get("precision", "fp32"), device, "eval.precision")
     sp = leave_one_out(ds, int(cfg["data"]["max_history"]))
     ev = cfg.get("eval") or {}
     rule = "-exclude_seen" if getattr(model, "exclude_seen", False) else ""
-    q = "" if quantize == "none" else f"-{quantize}"
+    q = ("" if quantize == "none" else f"-{quantize}") + ("-bf16" if getattr(model, "precision", "fp32") == "bf16" else "")
     stem = Path(model_dir) / f"eval-{ds.name}-{split}{rule}{q}"
     m = evaluate(model, getattr(sp, split), int(ev.get("batch_size", 1024)), tuple(ev.get("ks", (1, 5, 10))),
                  bool(ev.get("mask_seen", False)), device, desc=split, ranks_to=stem.with_suffix(".ranks.safetensors"))
     result = {"model": cfg.get("name"), "dataset": ds.name, "split": split, "mask_seen": bool(ev.get("mask_seen", False)),
               "seen_items": ev.get("seen_items", "keep") if hasattr(model, "exclude_seen") else None,
-              "quantize": quantize, "metrics": m, "machine": machine_info()}
+              "quantize": quantize, "precision": getattr(model, "precision", "fp32"), "metrics": m, "machine": machine_info()}
     if env_rank() == 0:  # under torchrun every rank holds the gathered metrics; one writes them
         write_json(stem.with_suffix(".json"), result)
     return result

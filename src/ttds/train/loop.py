@@ -372,7 +372,8 @@ class LMTrainer:
         # MFU on CPU: FLOP per CPU-second of this process against the matmul's (robust to a shared machine);
         # elsewhere per wall second
         self.clock = time.process_time if torch.device(self.device).type == "cpu" else time.perf_counter
-        self.peak = dense_peak_flops(clock=self.clock)
+        # against the peak of the precision the steps run in (a bf16 matmul is ~6x fp32's on an AMX CPU)
+        self.peak = dense_peak_flops(clock=self.clock, dtype=torch.bfloat16 if tc.precision == "bf16" else torch.float32)
         self.flops_tok = None
         self.epoch_time = (0.0, 0.0)  # (wall, CPU) seconds of the current epoch's steps in this process
         self.budget = tc.max_minutes * 60 if tc.max_minutes else math.inf
@@ -451,9 +452,9 @@ class LMTrainer:
         s, tc = self.state, self.tc
         model = self.model
         log.info("%s on %s: %d items (ID levels %s), users %s, %.1fM trainable params, %d steps planned, %d process(es), "
-                 "dense matmul peak %.1f GFLOP per %s", type(self).__name__, self.ds.name, model.item_index.n, model.item_index.level_sizes,
+                 "dense %s matmul peak %.1f GFLOP per %s", type(self).__name__, self.ds.name, model.item_index.n, model.item_index.level_sizes,
                  model.user_index.level_sizes if model.user_index is not None else "off",
-                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, self.total_steps, dist.world(), self.peak / 1e9,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, self.total_steps, dist.world(), tc.precision, self.peak / 1e9,
                  "CPU-second" if self.clock is time.process_time else "second")
         while not s["done"]:
             epoch = s["epoch"]
@@ -548,6 +549,7 @@ class LMTrainer:
             "train_tokens_per_second": round(s["tokens"] / max(s["train_seconds"], 1e-9), 1),
             "train_flops_per_token": self.flops_tok,
             "dense_peak_flops": self.peak,
+            "precision": {"train": self.tc.precision, "eval": getattr(best, "precision", "fp32")},
             "mfu": round(float(np.median(s["mfu"])), 4) if s.get("mfu") else None,
             "valid_history": s["history"],
             **self.extra_metrics(),
