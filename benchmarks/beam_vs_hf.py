@@ -10,6 +10,7 @@ Prints a table: users/s of each, the speed ratio, and how many top-10 lists are 
 
     python benchmarks/beam_vs_hf.py --model-dir runs/lcrec-Scientific --data /work/shared/data/Scientific --users 30
     python benchmarks/beam_vs_hf.py --model-dir runs/x --data D --full-test     # also time the whole test set
+    python benchmarks/beam_vs_hf.py --model-dir runs/x --data D --precision bf16  # both engines under bf16 autocast
 """
 from __future__ import annotations
 
@@ -127,6 +128,8 @@ def main():
     ap.add_argument("--engine-users", type=int, default=1000, help="test users timed for this engine")
     ap.add_argument("--full-test", action="store_true", help="also time this engine on every test user")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="both engines' precision (bf16: torch autocast, as eval.precision=bf16)")
     ap.add_argument("--out", default="benchmarks/results/beam_vs_hf.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,7 +149,8 @@ def main():
     prompts = rec.prompts(test.users[pick], test.history[pick])
     adapter = hf_adapter(rec)
 
-    with torch.no_grad():
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with torch.no_grad(), bf16:
         hf_recommend(adapter, rec, prompts[0], args.beam, args.k)  # warm-up
         t, c = time.perf_counter(), time.process_time()
         hf_lists = [hf_recommend(adapter, rec, p, args.beam, args.k) for p in prompts]
@@ -164,6 +168,7 @@ def main():
     same_set = sum(set(a) == set(b) for a, b in zip(hf_lists, ours.tolist()))
     res = {
         "model_dir": str(args.model_dir), "dataset": ds.name, "beam": args.beam, "k": args.k, "threads": args.threads,
+        "precision": args.precision,
         "compared_users": len(prompts), "identical_top10_lists": same, "identical_top10_sets": same_set,
         "hf_batch1_users_per_s": len(prompts) / hf_s,
         "ttds_users_per_s_same_sample": len(prompts) / ours_small_s,
@@ -178,7 +183,7 @@ def main():
     if args.full_test:
         allp = rec.prompts(test.users, test.history)
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), bf16:
             beam_search_prompts(rec, allp, rec.trie, 0, args.beam, args.k, args.batch)
         res["full_test_users"] = len(allp)
         res["full_test_seconds"] = time.perf_counter() - t
