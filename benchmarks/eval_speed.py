@@ -171,7 +171,8 @@ def main():
     info = {"dataset": ds.name, "model": what, "levels": list(model.item_index.level_sizes), "beam": args.beam,
             "threads": args.threads, "timed_users": n, "full_test_users": len(test),
             "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])),
-            "shared_prefix_tokens": beam.common_prefix_length(prompts), "machine": machine_info()}
+            "shared_prefix_tokens": beam.common_prefix_length(prompts), "machine": machine_info(),
+            "precision": model.precision}  # of the rows not named by precision (eval.precision, resolved here)
 
     # compute bound: forward FLOPs per user (own prompt tokens + one token per beam per later level) vs a
     # dense matmul peak measured now on the same threads
@@ -245,14 +246,14 @@ def main():
     if args.bf16:  # the same weights with `eval.precision: bf16` (autocast in recommend)
         import copy
 
-        b = copy.copy(model)  # shares the parameters; only the precision attribute differs
-        b.precision = "bf16"
+        f, b = copy.copy(model), copy.copy(model)  # share the parameters; only the precision attribute differs
+        f.precision, b.precision = "fp32", "bf16"
         for r in range(args.bf16):  # rows alternate, so load changes hit both alike
-            rows.append({**time_eval(model, sub, f"fp32 (repeat {r + 1}), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
+            rows.append({**time_eval(f, sub, f"fp32 (repeat {r + 1}), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
             rows.append({**time_eval(b, sub, f"bf16 autocast (repeat {r + 1}), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
         info["dense_peak_flops_per_cpu_s_bf16"] = dense_peak_flops(repeats=20, clock=time.process_time, dtype=torch.bfloat16)
         if args.model_dir:
-            info["bf16"] = agreement(model, b, sub)
+            info["bf16"] = agreement(f, b, sub)
     for k in args.precompute:
         rows.append({**time_precompute(model, ds, cfg, n, k), "beam_batch": model.beam_batch})
     if args.profile:
@@ -268,7 +269,7 @@ def main():
     lines = [f"# evaluate() speed, {ds.name}: {what}", "",
              f"{n} of {len(test)} test users timed; beam {args.beam}; ID levels {info['levels']}; "
              f"mean prompt {info['mean_prompt_tokens']:.1f} tokens, shared prefix {info['shared_prefix_tokens']}; "
-             f"{args.threads} thread(s). Full-test times are EXTRAPOLATED from the timed users. "
+             f"{args.threads} thread(s); eval.precision {model.precision} (rows not named by precision). Full-test times are EXTRAPOLATED from the timed users. "
              f"Target: {args.target_minutes:g} min = {need:.1f} users/s.", "",
              f"Compute bound: {info['forward_tokens_per_user']:.0f} forward tokens per user (own prompt tokens + "
              f"{args.beam} beams x {model.trie.n_levels - 1} levels) = {info['forward_flops_per_user'] / 1e9:.2f} GFLOP; "

@@ -217,7 +217,8 @@ def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path, monkeypatch):
 
     sets = [f"backbone.name_or_path={bb_dir}", "index.source=random", "index.user_source=random", "index.options.levels=2",
             "index.options.codebook_size=8", "train.batch_size=8", "train.valid_users=20", "eval.template_mean_users=10",
-            "eval.beam=10", "threads=1", "train.epochs=1", "tasks.review=0.2", "tasks.userpred=0.2"]
+            "eval.beam=10", "threads=1", "train.epochs=1", "tasks.review=0.2", "tasks.userpred=0.2",
+            "eval.precision=fp32"]  # the default `auto` would depend on the machine's bf16 units
     metrics, out = train_model("ttss", "builtin:users=40,items=30,seed=2", tmp_path / "run", overrides=sets)
     for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):
         assert 0 <= metrics["test"][k] <= 1
@@ -249,6 +250,8 @@ def test_cli_train_and_eval_end_to_end(bb_dir, tmp_path, monkeypatch):
     assert metrics["precision"] == {"train": "fp32", "eval": "fp32"}
     r = eval_model(out, "builtin:users=40,items=30,seed=2", overrides=["eval.precision=bf16"])
     assert r["precision"] == "bf16" and 0 <= r["metrics"]["NDCG@10"] <= 1 and (out / "eval-builtin-test-bf16.json").is_file()
+    r = eval_model(out, "builtin:users=40,items=30,seed=2", quantize="int8", overrides=["eval.precision=bf16"])
+    assert r["precision"] == "fp32" and r["quantize"] == "int8"  # int8 layers take fp32 activations
     with pytest.raises(TTDSError, match=r"eval\.precision='half'"):
         eval_model(out, "builtin:users=40,items=30,seed=2", overrides=["eval.precision=half"])
 

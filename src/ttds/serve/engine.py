@@ -238,6 +238,7 @@ def quantize_int8(model) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(backbone.body, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+    model.precision = "fp32"  # the int8 layers take fp32 activations: no bf16 autocast around them
 
 
 def load_engine(model_dir: str | Path, data: str, device: str = "cpu", exclude_history: bool = True, threads: int = 0,

@@ -91,7 +91,7 @@ class GenEvalConfig:
     mask_seen: bool = False
     beam: int = 20
     beam_batch: int = 32  # users per beam-search forward (x beam sequences)
-    precision: str = "fp32"  # beam search in fp32 | bf16 (autocast) | auto (bf16 where runtime.has_fast_bf16)
+    precision: str = "auto"  # beam search in fp32 | bf16 (autocast) | auto (bf16 where runtime.has_fast_bf16)
     template: int = 0  # the fixed template of the reported numbers
     template_mean_users: int = 2000  # test users for the mean over all templates (0 = all, -1 = skip)
     final_valid: bool = True  # also evaluate the best model on every validation user at the end
