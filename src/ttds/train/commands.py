@@ -52,19 +52,17 @@ def eval_model(model_dir: Path, data: str, split: str = "test", drop_short: bool
     device = setup_torch(cfg)
     check_quantize(quantize, device)
     _, model = load_model(model_dir, device)
-    if hasattr(model, "precision"):  # `--set eval.precision=...` too (int8 below runs in fp32)
-        from ttds.runtime import resolve_precision
-        from ttds.train.loop import GenEvalConfig
-        model.precision = resolve_precision((cfg.get("eval") or {}).get("precision", GenEvalConfig.precision), device,
-                                            "eval.precision")
-    if quantize == "int8":
-        quantize_int8(model)
     ds = load_dataset(data, drop_short=drop_short)
     if ds.n_items != model.n_items:
         raise TTDSError(f"--data {data}: {ds.n_items} items, but the model in {model_dir} was trained on {model.n_items}")
-    if hasattr(model, "exclude_seen"):  # a generative model: `--set eval.seen_items=...` re-decides its seen-item rule
-        from ttds.train.loop import resolve_seen_items
-        model.exclude_seen = resolve_seen_items(cfg, ds) == "exclude"
+    if hasattr(model, "exclude_seen"):  # a generative model: `--set eval.*` (seen-item rule, precision, beam ...) apply
+        from ttds.config import section
+        from ttds.train.generative import configure_inference
+        from ttds.train.loop import GenEvalConfig, resolve_seen_items
+        resolve_seen_items(cfg, ds)
+        configure_inference(model, section(cfg, "eval", GenEvalConfig))
+    if quantize == "int8":  # after configure_inference: the int8 layers run in fp32
+        quantize_int8(model)
     sp = leave_one_out(ds, int(cfg["data"]["max_history"]))
     ev = cfg.get("eval") or {}
     rule = "-exclude_seen" if getattr(model, "exclude_seen", False) else ""
