@@ -48,6 +48,7 @@ def hf_adapter(rec):
             self.rec = rec
             self.vocab = rec.n_words + rec.n_id_tokens + 1  # + an end token for short IDs (`hf_recommend`)
             self.n_item_levels = len(rec.item_index.level_sizes)
+            self.prompt_len = 0  # set by `hf_recommend`: the level of the next token = tokens generated so far
 
         def get_input_embeddings(self):
             return self.rec.backbone.hf_model.get_input_embeddings()
@@ -62,14 +63,13 @@ def hf_adapter(rec):
             if position_ids is None:
                 position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
             h, pkv = self.rec.hidden(input_ids, attention_mask, position_ids, past_key_values, use_cache=True)
-            last = input_ids[:, -1]
-            group = torch.where(last >= self.rec.n_words, self.rec.token_group[(last - self.rec.n_words).clamp(min=0)] + 1, 0)
-            group = torch.where(group >= self.n_item_levels, 0, group)
-            logits = torch.full((len(last), 1, self.vocab), float("-inf"))
-            for g in group.unique().tolist():
-                m = group == g
+            # the level of the next token is the number of tokens generated so far (not read off the last token: a
+            # prompt ends with its last history item's ID, whose last token is level 3 when the ID is short)
+            g = past + input_ids.shape[1] - self.prompt_len
+            logits = torch.full((len(input_ids), 1, self.vocab), float("-inf"))
+            if 0 <= g < self.n_item_levels:
                 s, k = self.rec.n_words + self.rec.offsets[g], self.rec.groups[g][2]
-                logits[m, 0, s:s + k] = self.rec.level_logits(h[m, -1], g).float()
+                logits[:, 0, s:s + k] = self.rec.level_logits(h[:, -1], g).float()
             return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: pkv})
 
     return Adapter().eval()
@@ -105,6 +105,7 @@ def hf_recommend(adapter, rec, prompt: np.ndarray, beam: int, k: int) -> list[in
             return out
 
     ids = torch.as_tensor(prompt).unsqueeze(0)
+    adapter.prompt_len = P
     out = adapter.generate(ids, attention_mask=torch.ones_like(ids), num_beams=beam, num_return_sequences=k,
                            max_new_tokens=L, min_new_tokens=None if short else L, logits_processor=LogitsProcessorList([TrieMask()]),
                            do_sample=False, early_stopping=True, length_penalty=0.0, eos_token_id=end if short else None,
