@@ -99,6 +99,15 @@ def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histor
             "users_per_s": r["users"] / wall, "users_per_cpu_s": r["users"] / max(cpu, 1e-9), "load_1m": os.getloadavg()[0]}
 
 
+def fp32_copy(model):
+    """The model with `precision` fp32 (the reference of the int8 and bf16 rows); it shares the parameters."""
+    import copy
+
+    f = copy.copy(model)
+    f.precision = "fp32"
+    return f
+
+
 def agreement(model, other, sub) -> dict:
     """How much `other` (the same trained model in another precision) changes the lists and metrics on `sub`."""
     from ttds.eval.evaluator import evaluate
@@ -242,12 +251,10 @@ def main():
         quantize_int8(q)
         rows.append({**time_eval(q, sub, f"int8 (dynamic), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
         if args.model_dir:  # a trained model: how much int8 changes its lists and metrics on these users
-            info["int8"] = agreement(model, q, sub)
+            info["int8"] = agreement(fp32_copy(model), q, sub)
     if args.bf16:  # the same weights with `eval.precision: bf16` (autocast in recommend)
-        import copy
-
-        f, b = copy.copy(model), copy.copy(model)  # share the parameters; only the precision attribute differs
-        f.precision, b.precision = "fp32", "bf16"
+        f, b = fp32_copy(model), fp32_copy(model)
+        b.precision = "bf16"
         for r in range(args.bf16):  # rows alternate, so load changes hit both alike
             rows.append({**time_eval(f, sub, f"fp32 (repeat {r + 1}), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
             rows.append({**time_eval(b, sub, f"bf16 autocast (repeat {r + 1}), beam_batch {model.beam_batch}"), "beam_batch": model.beam_batch})
