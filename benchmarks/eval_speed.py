@@ -75,10 +75,12 @@ def redisambiguate(index, only_colliding: bool):
     return SemanticIndex(disambiguate(index.codes[:, :-1], only_colliding), index.level_sizes, index.prefixes, index.tower)
 
 
-def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histories: list | None = None) -> dict:
+def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histories: list | None = None,
+                    batch_size: int = 256) -> dict:
     """`precompute()` of the first `n` users' top-k into a temporary SQLite store, as `ttds precompute` runs it
     (each user's full history; `exclude`: seen items searched around, the serving default). `histories`: per user
-    0..n-1, the history to use instead (e.g. the test histories, to give `evaluate()`'s prompts)."""
+    0..n-1, the history to use instead (e.g. the test histories, to give `evaluate()`'s prompts). `batch_size`: users
+    per model call (`ttds precompute --batch-size`)."""
     from ttds.serve.engine import RecommenderEngine
     from ttds.serve.precompute import precompute
     from ttds.serve.store import open_store
@@ -92,7 +94,7 @@ def time_precompute(model, ds, cfg, n: int, k: int, exclude: bool = True, histor
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(f"sqlite:///{tmp}/speed.db")
         t, c = time.perf_counter(), time.process_time()
-        r = precompute(engine, store, k=k, batch_size=256, progress=False)
+        r = precompute(engine, store, k=k, batch_size=batch_size, progress=False)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         store.close()
     return {"variant": f"precompute k={k} (seen {'excluded' if exclude else 'kept'}, SQLite)", "users": r["users"], "wall_s": wall, "cpu_s": cpu,

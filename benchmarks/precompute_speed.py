@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated rows (see above), in run order")
+    ap.add_argument("--batch-sizes", default="256", help="comma-separated users per model call of the pre-compute rows "
+                    "(`ttds precompute --batch-size`); each pre-compute row runs at each")
     ap.add_argument("--out", default=None, help="default benchmarks/results/precompute_speed-<dataset>.json (+ .md)")
     args = ap.parse_args()
     keys = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -72,14 +74,23 @@ def main():
     full_hists = [[int(i) for i in ds.sequences[u]] for u in users]
     tokens = {"test": mean_prompt_tokens(model, users, test_hists, mh), "full": mean_prompt_tokens(model, users, full_hists, mh)}
     k = args.k
-    known = {
-        "eval": ("evaluate()", "test", lambda: time_eval(model, sub, "evaluate()")),
-        "same": ("precompute, test histories, seen kept", "test",
-                 lambda: time_precompute(model, ds, cfg, n, k, exclude=False, histories=test_hists)),
-        "full": ("precompute, full histories, seen kept", "full", lambda: time_precompute(model, ds, cfg, n, k, exclude=False)),
-        "serve": ("precompute, full histories, seen excluded", "full", lambda: time_precompute(model, ds, cfg, n, k, exclude=True)),
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--batch-sizes {args.batch_sizes!r}: expected positive integers, e.g. 256,1024")
+    pre = {  # variant: (row name, histories, time_precompute keyword arguments)
+        "same": ("precompute, test histories, seen kept", "test", {"exclude": False, "histories": test_hists}),
+        "full": ("precompute, full histories, seen kept", "full", {"exclude": False}),
+        "serve": ("precompute, full histories, seen excluded", "full", {"exclude": True}),
     }
-    variants = [known[v] for v in keys]
+    variants = []
+    for v in keys:
+        if v == "eval":
+            variants.append(("evaluate()", "test", lambda: time_eval(model, sub, "evaluate()")))
+            continue
+        name, hist, kw = pre[v]
+        for b in sizes:
+            label = name if sizes == [256] else f"{name}, batch {b}"
+            variants.append((label, hist, lambda kw=kw, b=b: time_precompute(model, ds, cfg, n, k, batch_size=b, **kw)))
     time_eval(model, EvalSet(sub.users[:64], sub.history[:64], sub.target[:64]), "warm-up")
     runs = {name: [] for name, _, _ in variants}
     for r in range(args.repeats):
@@ -97,14 +108,16 @@ def main():
     for r in rows:
         r["vs_evaluate"] = r["users_per_s"] / base
     res = {"dataset": ds.name, "model": args.model_dir, "users": n, "k": k, "beam": int(model.beam), "threads": args.threads,
+           "precision": model.precision,  # eval.precision as resolved on this machine (every row)
            "repeats": args.repeats, "max_history": mh, "machine": machine_info(), "rows": rows}
     walls = ", ".join(f"{r['variant']} {sum(r['wall_s_each']):.0f} s" for r in rows)
     out = Path(args.out or f"benchmarks/results/precompute_speed-{ds.name}.json")
     write_json(out, res)
     lines = [f"# Pre-compute vs evaluate(), {ds.name}: trained model {args.model_dir}", "",
-             f"The first {n} test users, top {k}, beam {model.beam}, {args.threads} thread(s); medians of {args.repeats} "
+             f"The first {n} test users, top {k}, beam {model.beam}, {args.threads} thread(s), eval.precision {model.precision}; medians of {args.repeats} "
              f"round-robin repeats. Command: `python benchmarks/precompute_speed.py --data {args.data} --model-dir "
              f"{args.model_dir} --users {args.users} --threads {args.threads} --repeats {args.repeats} --variants {args.variants}"
+             f"{f' --batch-sizes {args.batch_sizes}' if args.batch_sizes != '256' else ''}"
              f"{f' --out {args.out}' if args.out else ''}`. "
              f"Wall time, summed over the repeats: {walls}.", "",
              f"| variant | mean prompt tokens | users/s (wall) | users per CPU-s | vs {rows[0]['variant']} | each repeat, users/s | load 1m |",
