@@ -13,7 +13,8 @@ times and reported as medians, so that a drift of the machine hits every row ali
   same       precompute, test histories, seen kept   `ttds precompute`'s code path on the SAME prompts: its overhead
   full       precompute, full histories, seen kept   what serving predicts from: every known item (the test item too)
   serve      precompute, full histories, seen excl.  the serving default (seen items searched around in the trie)
-Each row gives its users' mean prompt length, so a gap splits into more work (longer prompts) and overhead.
+`--batch-sizes 256,1024` runs every pre-compute row at each number of users per model call (`ttds precompute
+--batch-size`; default 256). Each row gives its users' mean prompt length, so a gap splits into more work (longer prompts) and overhead.
 Writes benchmarks/results/precompute_speed-<dataset>.json and .md (or --out).
 """
 from __future__ import annotations
@@ -52,6 +53,10 @@ def main():
     keys = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not keys or any(v not in VARIANTS for v in keys):
         raise SystemExit(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(VARIANTS)}")
+    sizes = [b.strip() for b in args.batch_sizes.split(",") if b.strip()]
+    if not sizes or not all(b.isdigit() and int(b) > 0 for b in sizes):
+        raise SystemExit(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated positive integers, e.g. 256,1024")
+    sizes = [int(b) for b in sizes]
     torch.set_num_threads(args.threads)
 
     from ttds.data.dataset import EvalSet, leave_one_out
@@ -74,9 +79,6 @@ def main():
     full_hists = [[int(i) for i in ds.sequences[u]] for u in users]
     tokens = {"test": mean_prompt_tokens(model, users, test_hists, mh), "full": mean_prompt_tokens(model, users, full_hists, mh)}
     k = args.k
-    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    if not sizes or min(sizes) < 1:
-        raise SystemExit(f"--batch-sizes {args.batch_sizes!r}: expected positive integers, e.g. 256,1024")
     pre = {  # variant: (row name, histories, time_precompute keyword arguments)
         "same": ("precompute, test histories, seen kept", "test", {"exclude": False, "histories": test_hists}),
         "full": ("precompute, full histories, seen kept", "full", {"exclude": False}),
