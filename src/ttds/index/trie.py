@@ -10,8 +10,8 @@ The hot path of constrained decoding never loops over beams in Python:
     mask  = trie.allowed(node, t)        # BoolTensor [B, K_t]: child[t][node] >= 0
     node  = trie.step(node, code, t)     # LongTensor [B]: child[t][node, code]
 Batched prefixes [B, t] can also be turned into nodes (`nodes_of`) or masks (`allowed_after`).
-Per-row exclusions (serving leaves a user's own items out): `excluded(seen)` lists, per depth, the
-nodes all of whose leaves a row excludes, and `allowed(node, t, rows, excl)` masks them too, so a
+Per-row exclusions (serving leaves a user's own items out): `excluded(seen)` marks, per depth, in a dense
+[rows, nodes] mask, the nodes all of whose leaves a row excludes, and `allowed(node, t, rows, excl)` masks them too, so a
 constrained search never spends a beam on a prefix that leads only to excluded entities.
 Tables are built with numpy `unique` (no per-entity Python loop); `add` appends one entity
 (serving), `rebuild` re-creates the tables after a re-assignment of codes (the dynamic model).
