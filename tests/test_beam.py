@@ -212,3 +212,37 @@ def test_bf16_precision_runs_the_backbone_in_bf16_and_keeps_the_ranking(model, m
     assert resolve_precision("fp32", "cpu", "eval.precision") == "fp32"
     with pytest.raises(TTDSError, match=r"eval\.precision='fp16': expected one of fp32, bf16, auto"):
         resolve_precision("fp16", "cpu", "eval.precision")
+
+
+def test_inference_region_casts_the_weights_once_and_keeps_the_results(model):
+    """`GenerativeRecommender.inference()` (held by evaluate(), pre-compute and the serving worker thread): recommend()
+    calls inside it return exactly the lists and scores of calls outside, and cast each weight to bf16 once for the
+    region instead of once per call, frozen weights (LoRA's base) included, whose requires_grad comes back after."""
+    users, hist = torch.tensor([0, 3, 5]), torch.tensor([[1, 2, 3], [-1, -1, 5], [-1, -1, -1]])
+    body = list(model.backbone.body.parameters())
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.backbone.body.modules())
+
+    def copies() -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model.recommend(users, hist, k=10)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    model.precision = "bf16"
+    try:
+        ref, ref_s = model.recommend(users, hist, k=10, return_scores=True)
+        for p in body:  # frozen, as under LoRA
+            p.requires_grad_(False)
+        outside = copies()
+        with model.inference():
+            model.recommend(users, hist, k=10)  # casts the weights
+            got, got_s = model.recommend(users, hist, k=10, return_scores=True)
+            inside = copies()
+        assert not any(p.requires_grad for p in body)
+    finally:
+        model.precision = "fp32"
+        for p in body:
+            p.requires_grad_(True)
+    assert torch.equal(got, ref) and torch.equal(got_s, ref_s)
+    assert n_linear > 0 and outside - inside >= n_linear, (outside, inside, n_linear)
+    with model.inference():  # fp32: a no-op region
+        assert not torch.is_autocast_enabled("cpu")

@@ -226,3 +226,22 @@ def test_engine_searches_around_seen_items_in_one_pass(engine):
         model.beam = beam
     assert len(calls) == 1 and calls[0][0] == k and [set(e) for e in calls[0][1]] == [set(hist)]
     assert [i for i, _ in got] == ref.topk(k).indices.tolist()
+
+
+def test_new_item_text_is_encoded_in_full_precision_inside_an_inference_region(engine, monkeypatch):
+    """The serving worker holds the model's bf16 inference region for its lifetime; a new item's text vector (and so its
+    codes) is still computed in fp32, as the index was, and the new item is recommendable within the region."""
+    monkeypatch.setattr(engine.model, "precision", "bf16")
+    coder = engine.model.item_coder
+    lin = next(m for m in coder.encoder.body.modules() if isinstance(m, torch.nn.Linear))
+    seen = []
+    hook = lin.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    try:
+        with engine.model.inference():
+            assert torch.is_autocast_enabled("cpu")
+            item, _ = engine.add_item({"title": "A bf16 region item"})
+            recs = engine.recommend_histories([[1, 2, 3]], 5)[0]
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert item == engine.n_items - 1 and len(recs) == 5

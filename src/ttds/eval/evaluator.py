@@ -17,7 +17,7 @@ from ttds import dist
 from ttds.data.dataset import EvalSet
 from ttds.eval.metrics import MISS, metrics_from_ranks, ranks_from_lists, ranks_from_scores
 from ttds.io import save_safetensors, write_json
-from ttds.models.base import has_recommend, has_scores
+from ttds.models.base import has_recommend, has_scores, inference_region
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def evaluate_ranks(model, evalset: EvalSet, batch_size: int = 1024, k: int = 10,
     out, seen1 = [], []
     starts = dist.shard_starts(len(evalset), batch_size)  # under torchrun: this rank's batches
     bar = tqdm(starts, desc=desc, leave=False, disable=not progress or not dist.is_main(), unit="batch")
-    with torch.no_grad():
+    with torch.no_grad(), inference_region(model):
         for start in bar:
             sl = slice(start, start + batch_size)
             users = torch.as_tensor(evalset.users[sl], device=device)

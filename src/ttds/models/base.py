@@ -14,6 +14,7 @@ model learns from a window is `train_mode`:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -34,6 +35,13 @@ def has_scores(model) -> bool:
 
 def has_recommend(model) -> bool:
     return callable(getattr(model, "recommend", None))
+
+
+def inference_region(model):
+    """The model's `inference()` region for many calls in a row (`GenerativeRecommender.inference`: one bf16
+    copy of the weights shared by its calls), or a no-op for models without one (and for None)."""
+    fn = getattr(model, "inference", None)
+    return fn() if callable(fn) else nullcontext()
 
 
 class SeqModel(nn.Module):

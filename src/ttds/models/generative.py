@@ -24,6 +24,7 @@ pretrained bidirectionally and must adapt to the causal mask during fine-tuning.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -171,6 +172,28 @@ class GenerativeRecommender(nn.Module):
                                                 beam=max(self.beam, k), k=k, batch=self.beam_batch, exclude=exclude)
         return (items, scores) if return_scores else items
 
+    @contextmanager
+    def inference(self):
+        """A region in which `recommend` calls share one bf16 copy of the weights (`precision` bf16; else a no-op).
+        `torch.autocast` casts an fp32 weight to bf16 once per outermost autocast region, and caches the copy only
+        for leaf tensors that require grad; `recommend` alone is one region, so each call re-casts every weight
+        of the body (~11 M values for MiniLM: tens of ms on a CPU core, a large share of a batch-1 request). The
+        serving worker thread, pre-compute and `evaluate()` hold this region around many calls. Frozen weights
+        (LoRA's base) are marked as requiring grad inside it so they are cached too (`recommend` runs under
+        no_grad) and restored on exit. The weights must not change inside the region: casts are not refreshed."""
+        if self.precision != "bf16":
+            yield
+            return
+        frozen = [p for p in self.parameters() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            with torch.autocast(self.id_bias.device.type, dtype=torch.bfloat16):
+                yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
     # ------------------------------------------------------------------ serving: new items, anonymous users
 
     accepts_user_text = True  # recommend() takes user_texts (serving engine)
@@ -189,7 +212,8 @@ class GenerativeRecommender(nn.Module):
         old n_items). Raises TTDSError when its ID does not fit the model's fixed token space."""
         if self.item_coder is None:
             raise TTDSError("model: no item coder attached (serving attaches one: ttds.serve.new_items.attach)")
-        return self.add_item_vector(self.item_coder.item_vector(fields))
+        with torch.autocast(self.id_bias.device.type, enabled=False):  # full precision, as at indexing, in any region
+            return self.add_item_vector(self.item_coder.item_vector(fields))
 
     def add_item_vector(self, x: torch.Tensor) -> int:
         item = self.add_item_codes(self.item_coder.base_codes(x, self.item_index))

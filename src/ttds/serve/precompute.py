@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ttds import dist
+from ttds.models.base import inference_region
 from ttds.serve.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def precompute(engine, store: Store, k: int = 50, batch_size: int = 256, progres
     log.info("precompute %s -> %s version %s: %d users, %d already written", engine.model_version, store.url, tag, engine.n_users, len(done))
     t0, written = time.perf_counter(), 0
     step = batch_size * dist.world()  # one round: batch_size users per rank
-    with tqdm(total=engine.n_users, initial=len(done), unit="user", desc="precompute", disable=not progress or not dist.is_main()) as bar:
+    with tqdm(total=engine.n_users, initial=len(done), unit="user", desc="precompute", disable=not progress or not dist.is_main()) as bar, \
+            inference_region(getattr(engine, "model", None)):
         for s in range(0, len(todo), step):
             part, live = dist.shard(todo[s:s + step])
             users = [int(u) for u in part] if live else []

@@ -3,6 +3,7 @@
 A request waits at most `max_wait_ms` for others to join its batch (up to `max_batch` histories);
 the batch runs as one `recommend_histories` call with the largest k asked, and each caller gets its
 own slice. Item insertion runs on the same thread, between batches, so it never overlaps generation.
+The thread holds the model's inference region (`ttds.models.base.inference_region`) for its lifetime.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ttds.errors import TTDSError
+from ttds.models.base import inference_region
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ class EngineWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # the thread's whole life is one inference region: a bf16 model casts its weights once, not per request
+        with inference_region(getattr(self.engine, "model", None)):
+            self._loop()
+
+    def _loop(self) -> None:
         pending: _Job | None = None
         while True:
             job = pending or self._q.get()
