@@ -94,6 +94,37 @@ def test_any_local_llama_folder(tmp_path, minilm):
     assert h.shape == (1, 3, 32) and past is not None
 
 
+def test_num_layers_keeps_the_first_pretrained_layers(tmp_path, minilm, caplog):
+    from ttds.index.build import embedding_key
+
+    with caplog.at_level("INFO"):
+        cut = Backbone.load(BackboneConfig(num_layers=2))
+    assert len(cut.body.encoder.layer) == 2 and cut.hf_model.config.num_hidden_layers == 2
+    assert any("checkpoint weights unused (encoder.layer.2." in r.getMessage() for r in caplog.records)
+    x = minilm.tokenizer(["Wireless Gaming Controller"], return_tensors="pt")
+    with torch.no_grad():  # the cut model is the full model's first two layers, pretrained weights and all
+        full = minilm.body(**x, output_hidden_states=True).hidden_states[2]
+        assert torch.allclose(cut.body(**x).last_hidden_state, full, atol=1e-5)
+    assert embedding_key(cut, ["a"]) != embedding_key(minilm, ["a"])  # cached text embeddings are per depth
+    cut.save_pretrained(tmp_path / "cut")
+    assert len(Backbone.from_pretrained(tmp_path / "cut").body.encoder.layer) == 2
+    with pytest.raises(TTDSError, match="num_layers=7: the model at .* has only 6 layers"):
+        Backbone.load(BackboneConfig(num_layers=7))
+    for bad in (0, "2", True):
+        with pytest.raises(TTDSError, match="backbone.num_layers"):
+            BackboneConfig(num_layers=bad)
+
+
+def test_load_report_is_one_line(caplog):
+    """transformers' load report (a key table, logged as a warning) becomes one INFO line when only the expected
+    weights are missing: the fresh LM head of a BERT loaded as a decoder."""
+    with caplog.at_level("INFO"):
+        Backbone.load(BackboneConfig(causal=True))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    lines = [r.getMessage() for r in caplog.records if "newly initialised" in r.getMessage()]
+    assert len(lines) == 1 and "in the output head (cls.predictions." in lines[0] and "pooler.dense" in lines[0]
+
+
 def test_kv_cache_under_both_transformers_names():
     """transformers 5.24 renamed the forward argument and output field `past_key_values` to `cache`; run_body
     passes and reads the cache under whichever name the installed model takes."""

@@ -176,6 +176,8 @@ def embedding_key(backbone, texts: list[str]) -> str:
     h = hashlib.sha256()
     ident = [backbone.cfg.name_or_path, str(backbone.path), backbone.cfg.pooling, backbone.cfg.max_text_tokens,
              backbone.cfg.dtype, backbone.cfg.causal, len(backbone.added_tokens), backbone.lora_applied]
+    if backbone.cfg.num_layers is not None:  # appended only when set, so the keys of full backbones stay valid
+        ident.append(backbone.cfg.num_layers)
     h.update(json.dumps(ident).encode())
     for t in texts:
         h.update(t.encode("utf-8") + b"\0")
