@@ -7,6 +7,7 @@ import torch
 from ttds.backbone import Backbone, BackboneConfig, item_texts, user_texts
 from ttds.backbone.registry import cache_dir
 from ttds.errors import TTDSError
+from ttds.io import read_json, write_json
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,14 +116,26 @@ def test_num_layers_keeps_the_first_pretrained_layers(tmp_path, minilm, caplog):
             BackboneConfig(num_layers=bad)
 
 
-def test_load_report_is_one_line(caplog):
+def test_load_report_is_one_line(caplog, tmp_path, minilm):
     """transformers' load report (a key table, logged as a warning) becomes one INFO line when only the expected
-    weights are missing: the fresh LM head of a BERT loaded as a decoder."""
+    weights are missing: the fresh LM head of a BERT loaded as a decoder. Weights that do not fit the config are
+    one error line, after transformers' report (which names the keys)."""
     with caplog.at_level("INFO"):
         Backbone.load(BackboneConfig(causal=True))
-    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # transformers' records propagate here
     lines = [r.getMessage() for r in caplog.records if "newly initialised" in r.getMessage()]
     assert len(lines) == 1 and "in the output head (cls.predictions." in lines[0] and "pooler.dense" in lines[0]
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=len(minilm.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bad")
+    minilm.tokenizer.save_pretrained(tmp_path / "bad")
+    cfg = read_json(tmp_path / "bad" / "config.json", "config.json")
+    write_json(tmp_path / "bad" / "config.json", {**cfg, "hidden_size": 64, "intermediate_size": 128})
+    caplog.clear()
+    with pytest.raises(TTDSError, match="its weights do not fit its config.json"):
+        Backbone.load(str(tmp_path / "bad"))
+    assert any("LOAD REPORT" in r.getMessage() and "MISMATCH" in r.getMessage() for r in caplog.records)
 
 
 def test_kv_cache_under_both_transformers_names():

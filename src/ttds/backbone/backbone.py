@@ -283,8 +283,8 @@ class Backbone:
 
 def keep_layers(hf_config, n: int, path: Path) -> None:
     """Cut a Hugging Face config to its first `n` transformer layers (`backbone.num_layers`): `from_pretrained` then
-    builds and loads only those, and leaves the checkpoint's later layers unused. Early layers of a pretrained LM
-    keep its token and position knowledge at a fraction of the cost (a 30-layer SmolLM2 cut to 10 runs ~3x faster)."""
+    builds and loads only those, and leaves the checkpoint's later layers unused: a pretrained LM at a fraction of
+    the cost (SmolLM2 cut to 10 of 30 layers: 217 against 648 training MFLOP per token)."""
     have = getattr(hf_config, "num_hidden_layers", None)
     if not isinstance(have, int):
         raise TTDSError(f"backbone {path}: config.json has no num_hidden_layers, so backbone.num_layers cannot cut it")
@@ -301,11 +301,20 @@ def _from_pretrained(auto, path: Path, hf_config, dtype, label: str):
     (BERT's pooler, layers cut by `num_layers`). Fresh weights inside the transformer body are a WARNING."""
     from transformers.utils import logging as hf_logging
 
+    def load():
+        return auto.from_pretrained(str(path), config=hf_config, dtype=dtype, local_files_only=True, output_loading_info=True)
+
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = auto.from_pretrained(str(path), config=hf_config, dtype=dtype, local_files_only=True,
-                                           output_loading_info=True)
+        model, info = load()
+    except RuntimeError:  # weights that do not fit the config: load again with the report shown, it names the keys
+        hf_logging.set_verbosity(level)
+        try:
+            model, info = load()
+        except RuntimeError as e:
+            raise TTDSError(f"backbone {path}: its weights do not fit its config.json ({str(e).splitlines()[0]}; "
+                            "transformers' report above names the keys)") from None
     finally:
         hf_logging.set_verbosity(level)
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
