@@ -410,3 +410,29 @@ def test_users_made_from_items_follow_the_items_refreshed_vectors(bb_dir, ds, tm
     with pytest.raises(TTDSError, match="user_vectors=text"):
         _model(bb_dir, plain, tmp_path / "text")
     _model(bb_dir, plain, tmp_path / "text", extra=["index.options.user_vectors=text"])
+
+
+def test_refresh_encodes_in_the_training_precision(bb_dir, ds, tmp_path, monkeypatch):
+    """With `train.precision=bf16` the re-encoding of X = f(C) runs under bf16 autocast (the training's precision;
+    half the time on a CPU with bf16 units), with fp32 the backbone stays in fp32; the vectors agree closely."""
+    from ttds.index.build import index_config, tower_inputs
+
+    model, cfg = _model(bb_dir, ds, tmp_path)
+    texts = {t: tower_inputs(ds, t, index_config(cfg), model.backbone.tokenizer) for t in model.towers}
+    seen, body = [], model.backbone.hidden_states
+
+    def spy(*a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return body(*a, **k)
+
+    monkeypatch.setattr(model.backbone, "hidden_states", spy)
+    x = {}
+    for prec in ("fp32", "bf16"):
+        seen.clear()
+        dynamic.refresh_text(model, texts, precision=prec)
+        assert seen and set(seen) == {prec == "bf16"}
+        x[prec] = {t: tw.x.clone() for t, tw in model.towers.items()}
+        assert all(tw.x.dtype == torch.float32 for tw in model.towers.values())
+    for t in model.towers:
+        cos = torch.nn.functional.cosine_similarity(x["fp32"][t], x["bf16"][t], dim=1)
+        assert cos.min() > 0.99 and not torch.equal(x["fp32"][t], x["bf16"][t])

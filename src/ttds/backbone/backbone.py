@@ -173,7 +173,7 @@ class Backbone:
                 batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                        max_length=self.cfg.max_text_tokens, return_tensors="pt").to(self.device)
                 hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
-                pooled = self.pool(hidden, batch["attention_mask"]).float()
+                pooled = self.pool(hidden.float(), batch["attention_mask"])  # fp32 sums, also under bf16 autocast
                 chunks.append(pooled if grad else pooled.cpu())
         if not chunks:
             return torch.zeros(0, self.hidden_size)
