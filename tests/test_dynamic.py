@@ -1,6 +1,7 @@
 """TTDS (recipe `dynamic`): gradients reach the tokenizers only when joint, re-assignment keeps IDs
 unique and the trie consistent, each loss term follows its flag, a short joint run learns, resume is exact."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -258,6 +259,10 @@ def test_joint_run_learns_and_reassigns(bb_dir, ds, tmp_path):
     # texts re-encoded at each re-assignment: the share the tokenizers alone would have changed is reported beside it
     assert all(0 <= r["tokenizer_only"]["item"] <= 1 and set(r["tokenizer_only"]) == {"item", "user"}
                for r in m["reassignments"])
+    # the gradient norms of the recommender and of the towers are logged apart (one clip covers both)
+    norms = re.findall(r"step \d+: loss [\d.]+, .*grad_norm ([\d.]+), grad_norm_towers ([\d.]+)",
+                       (tmp_path / "a" / "run.log").read_text())
+    assert norms and all(float(a) > 0 and float(b) > 0 for a, b in norms)
     # the tokenizer moved (joint)
     start = load_safetensors(tmp_path / "a" / "tokenizer.item" / "tokenizer.safetensors")["codebooks.0"]
     assert not torch.allclose(load_safetensors(tmp_path / "a" / "model.safetensors")["towers.item.tokenizer.codebooks.0"], start)

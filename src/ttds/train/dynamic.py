@@ -311,6 +311,13 @@ class DynamicTrainer(LMTrainer):
             g["lr"] = g["base_lr"] * mult
         return mult
 
+    def grad_groups(self) -> dict[str, list]:
+        """The recommender's gradient norm (backbone, ID rows, head) apart from the towers' (tokenizers, codebook
+        projections, text heads): one clip covers both, so a large tower gradient shrinks the backbone's step too."""
+        towers = {"tokenizer", "tower_heads"}
+        return {name: [p for g in self.opt.param_groups if (g["name"] in towers) == side for p in g["params"]]
+                for name, side in (("grad_norm", False), ("grad_norm_towers", True))}
+
     def extra_loss(self) -> tuple[torch.Tensor, dict] | None:
         return dm_vae_term(self.model, self.lc, self.seed * 1_000_003 + self.state["step"])
 

@@ -20,6 +20,7 @@ Hooks (override in a recipe; all optional but `param_groups`):
     on_resume()        after a checkpoint was loaded
     before_step()      e.g. freeze / unfreeze parameter groups
     set_lr()           this step's learning rates (default: warm-up + cosine); returns the multiplier
+    grad_groups()      {log name: parameters} whose gradient norms are logged (default: all, "grad_norm")
     extra_loss()       (loss, parts) added to the last micro-batch of a step, INSIDE the wrapped forward
                        (so DDP / FSDP synchronise its gradients too); parts are floats to log, averaged over ranks
     after_step(parts)  True when the task data changed (the rest of the epoch is rebuilt with the same order)
@@ -296,6 +297,11 @@ class LMTrainer:
     def extra_loss(self) -> tuple[torch.Tensor, dict] | None:
         return None
 
+    def grad_groups(self) -> dict[str, list]:
+        """{log name: parameters} whose gradient norm (before clipping) is logged with the loss. `train.grad_clip`
+        clips all gradients together, whatever the groups."""
+        return {"grad_norm": list(self.model.parameters())}
+
     def after_step(self, parts: dict) -> bool:
         return False
 
@@ -433,6 +439,8 @@ class LMTrainer:
         loss_sum, tokens = dist.mean(loss_sum), int(dist.all_reduce(tokens))  # the global step's loss and tokens
         parts = {k: dist.mean(v) for k, v in sorted(parts.items())}
         mult = self.set_lr()
+        for name, params in self.grad_groups().items():  # logged before clipping (global norms: grads are synchronised)
+            parts[name] = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], tc.grad_clip)
         self.opt.step()
