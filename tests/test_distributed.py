@@ -351,13 +351,21 @@ def single_gen(spawned, tmp_path_factory):
     return _gen_train(str(next(out.glob("tiny-bert-*"))), folder), folder
 
 
-def _same_run(one: Path, two: Path, n_steps: int) -> None:
-    """Two run folders took the same steps: the global loss of every step and the final weights agree."""
+def _same_run(one: Path, two: Path, n_steps: int, rtol: float = 1e-5) -> None:
+    """Two run folders took the same steps: the global loss of every step and the final weights agree. Reduction
+    order differs between one process and two, so they agree to float rounding as training amplifies it: AdamW
+    turns a gradient that is ~0 into a step of +-lr on rounding noise alone, so a few coordinates may differ by up
+    to steps x lr (allowed for 0.1 % of the weights; a sharding or synchronisation error moves most of them)."""
     la = json.loads((one / "state.json").read_text())["losses"]
     lb = json.loads((two / "state.json").read_text())["losses"]
-    assert len(la) == len(lb) == n_steps and np.allclose(la, lb, rtol=1e-5), (la, lb)  # all-reduced global loss per step
+    assert len(la) == len(lb) == n_steps and np.allclose(la, lb, rtol=rtol), (la, lb)  # all-reduced global loss per step
     a, b = _model_tensors(one / "last.safetensors"), _model_tensors(two / "last.safetensors")
-    assert a.keys() == b.keys() and max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-4
+    assert a.keys() == b.keys()
+    off = {k: (a[k].double() - b[k].double()).abs() for k in a}
+    n_off = sum(int((d > 1e-4).sum()) for d in off.values())
+    worst = max(off, key=lambda k: float(off[k].max()))
+    assert n_off <= 1e-3 * sum(d.numel() for d in off.values()) and float(off[worst].max()) < 2e-3 * n_steps, \
+        (two.name, n_off, worst, float(off[worst].max()))
 
 
 def test_ddp_generative_recipe_matches_single_process(spawned, single_gen):
@@ -393,7 +401,7 @@ def test_ddp_dynamic_recipe_matches_single_process_and_keeps_one_index(spawned, 
     assert np.array_equal(r0["dyn_after"], r0["dyn_before"])  # ... namely rank 0's codes
     assert not np.array_equal(r0["dyn_after"][0], r0["dyn_after"][-1])  # and the codes did move
     single = _dyn_train(str(next(out.glob("tiny-bert-*"))), tmp_path / "dyn")
-    _same_run(tmp_path / "dyn", out / "dyn", 5)
+    _same_run(tmp_path / "dyn", out / "dyn", 5, rtol=1e-4)  # as dm_losses: the tokenizers' steps amplify rounding
     sa, sb = (json.loads((d / "state.json").read_text()) for d in (tmp_path / "dyn", out / "dyn"))
     assert np.allclose(sa["dm_losses"], sb["dm_losses"], rtol=1e-4, atol=1e-6) and sa["dm_losses"][0][0] > 0
     assert [r["step"] for r in sb["reassign"]] == [2, 4]
@@ -402,7 +410,7 @@ def test_ddp_dynamic_recipe_matches_single_process_and_keeps_one_index(spawned, 
     assert torch.equal(a["model.item_codes"], b["model.item_codes"]) and torch.equal(a["model.user_codes"], b["model.user_codes"])
     assert abs(r0["dyn_test"][0] - single["test"]["NDCG@10"]) < 0.05 and r0["dyn_test"][0] == r1["dyn_test"][0]
     # the same run with dist.strategy=fsdp (FSDP2: backbone blocks and the rest sharded over the 2 ranks)
-    _same_run(tmp_path / "dyn", out / "dyn_fsdp", 5)
+    _same_run(tmp_path / "dyn", out / "dyn_fsdp", 5, rtol=1e-4)
     c = _model_tensors(out / "dyn_fsdp" / "last.safetensors")
     assert torch.equal(a["model.item_codes"], c["model.item_codes"]) and torch.equal(a["model.user_codes"], c["model.user_codes"])
 

@@ -149,7 +149,7 @@ def test_sticky_reassignment_changes_only_clear_winners(bb_dir, ds, tmp_path):
 
 
 def test_token_loss_trains_the_tokenizer_as_an_autoencoder_and_free_rows_start_at_zero(bb_dir, ds, tmp_path):
-    model, _ = _model(bb_dir, ds, tmp_path)
+    model, _ = _model(bb_dir, ds, tmp_path, extra=("dynamic.id_init=projected",))
     t = model.towers["item"]
     t.token_loss(torch.arange(10)).backward()  # the reconstruction reaches the tokenizer's decoder
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.tokenizer.decoder.parameters())
@@ -162,7 +162,7 @@ def test_token_loss_trains_the_tokenizer_as_an_autoencoder_and_free_rows_start_a
     model.id_table()[s:s + k].sum().backward()
     assert model.id_emb.grad[s:s + k].abs().sum() > 0 and t.tokenizer.codebooks[0].grad.abs().sum() > 0
     # dynamic.id_rows=false: the projection only
-    proj_only, _ = _model(bb_dir, ds, tmp_path / "p", extra=("dynamic.id_rows=false",))
+    proj_only, _ = _model(bb_dir, ds, tmp_path / "p", extra=("dynamic.id_rows=false", "dynamic.id_init=projected"))
     assert not proj_only.free_rows and "id_rows" not in proj_only.state_dict()
 
 
@@ -170,7 +170,7 @@ def test_random_id_init_starts_like_ttss_and_the_rec_loss_still_reaches_the_code
     """`dynamic.id_init=random`: the ID embeddings start as TTSS's do (random free rows at the word-embedding scale,
     projections zero); the projection learns from the first step, and through it the codebooks from the second."""
     model, cfg = _model(bb_dir, ds, tmp_path, extra=("dynamic.id_init=random",))
-    word_std = float(model.backbone.hf_model.get_input_embeddings().weight.std())
+    word_std = float(model.backbone.hf_model.get_input_embeddings().weight.detach().std())
     t = model.towers["item"]
     g = model.groups.index(("item", 0, t.level_sizes[0]))
     s, k = model.offsets[g], t.level_sizes[0]
@@ -188,11 +188,88 @@ def test_random_id_init_starts_like_ttss_and_the_rec_loss_still_reaches_the_code
     opt.zero_grad(set_to_none=True)
     model.loss(*_batch(model, ds, cfg)).backward()
     assert t.tokenizer.codebooks[0].grad.abs().sum() > 0
-    # the default (projected) starts from P(codebook) instead: tested above; bad settings are one-line errors
+    # projected starts from P(codebook) instead: tested above; bad settings are one-line errors
     for extra, words in ((("dynamic.id_init=zeros",), "dynamic.id_init='zeros'"),
                          (("dynamic.id_init=random", "dynamic.id_rows=false"), "needs dynamic.id_rows=true")):
         with pytest.raises(TTDSError, match=words):
             _model(bb_dir, ds, tmp_path / "bad", extra=extra)
+
+
+def test_projection_lr_keeps_the_projected_table_as_slow_as_a_free_row(bb_dir, ds, tmp_path):
+    """`dynamic.proj_lr_scale`: an AdamW step moves each weight of P by its lr, so P(c) by up to lr x ||c||_1. With
+    `auto` (lr = train.id_lr / the largest mean codebook row L1) the first step moves the projected level-0 table by
+        no more than a free row moves (train.id_lr); at the rows' own lr (scale 1) it moves up to ||c||_1 times more (with
+    SmolLM2-L10 on Scientific ||c||_1 ~ 90 at level 0: part of session 25's slow TTDS, README)."""
+    model, cfg = _model(bb_dir, ds, tmp_path)
+    t = model.towers["item"]
+    l1 = max(float(cb.detach().abs().sum(1).mean()) for tw in model.towers.values() for cb in tw.tokenizer.codebooks)
+    assert l1 > 2  # (else the test below could not tell the settings apart)
+    tc = dynamic.GenTrainConfig(id_lr=0.001)
+
+    def step_moves(dyn):  # mean over level-0 codes of max |change| of P(c) after one AdamW step on L_LLM
+        p0 = {k: v.clone() for k, v in model.state_dict().items()}
+        groups = dynamic.param_groups(model, tc, dyn)
+        proj = next(g for g in groups if g["name"] == "projection")
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        dynamic._set_phase(model, opt, True, False)  # tokenizers frozen: only P moves P(c)
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            before = t.level_embeddings(0).clone()
+        model.loss(*_batch(model, ds, cfg)).backward()
+        opt.step()
+        with torch.no_grad():
+            moved = (t.level_embeddings(0) - before).abs().amax(1).mean().item()
+        model.load_state_dict(p0)
+        return moved, proj["lr"]
+
+    moved, lr = step_moves(dynamic.DynamicConfig())
+    assert lr == pytest.approx(tc.id_lr / l1, rel=1e-5)
+    assert moved <= tc.id_lr
+    fast, lr_fast = step_moves(dynamic.DynamicConfig(proj_lr_scale=1.0))
+    assert lr_fast == pytest.approx(tc.id_lr) and fast > 1.5 * tc.id_lr
+    # warm-up: the projection at its share of dynamic.warmup_lr, the backbone frozen
+    trainer = type("T", (), {})()
+    trainer.state, trainer.warm, trainer.dyn = {"step": 0}, 2, dynamic.DynamicConfig()
+    trainer.opt = torch.optim.AdamW(dynamic.param_groups(model, tc, trainer.dyn))
+    dynamic.DynamicTrainer.set_lr(trainer)
+    lrs = {g["name"]: g["lr"] for g in trainer.opt.param_groups}
+    assert lrs["body"] == 0 and lrs["new"] == lrs["tokenizer"] == 1e-3
+    assert lrs["projection"] == pytest.approx(1e-3 / l1, rel=1e-5)
+    with pytest.raises(TTDSError, match="dynamic.proj_lr_scale='fast'"):
+        dynamic.DynamicConfig(proj_lr_scale="fast")
+
+
+def test_level_norm_starts_every_level_at_one_scale_and_checkpoints_keep_it(bb_dir, ds, tmp_path):
+    """`dynamic.level_norm`: P sees each level's codebook over that level's RMS. Residual levels shrink, so without it
+    the deeper level's projected embeddings start smaller than the first's; with it both start at the same RMS. The
+    flag is a saved buffer: a checkpoint rebuilds the table it was trained with, and older ones keep the raw form."""
+    from ttds.train.loop import load_weights, weights
+
+    def level_rms(model):
+        t = model.towers["item"]
+        with torch.no_grad():
+            return [float(t.level_embeddings(lv).pow(2).mean().sqrt()) for lv in range(t.n_code_levels)]
+
+    raw, cfg = _model(bb_dir, ds, tmp_path / "raw", extra=("dynamic.id_init=projected",))
+    r = level_rms(raw)
+    assert r[1] < 0.8 * r[0] and "towers.item.level_norm" not in weights(raw)
+    normed, cfg_n = _model(bb_dir, ds, tmp_path / "raw", extra=("dynamic.id_init=projected", "dynamic.level_norm=true"))  # same fitted tokenizers
+    n = level_rms(normed)
+    assert n[1] == pytest.approx(n[0], rel=0.05)
+    rms_all = float(torch.cat([normed.towers["item"].level_embeddings(lv) for lv in range(2)]).detach().std())
+    assert rms_all == pytest.approx(float(normed.backbone.hf_model.get_input_embeddings().weight.detach().std()), rel=0.1)
+    tensors = {k: v.clone() for k, v in weights(normed).items()}
+    assert "towers.item.level_norm" in tensors
+    for c, ts, ref in ((cfg, tensors, normed), (cfg_n, weights(raw), raw)):  # the checkpoint decides, not the config
+        again = dynamic.model_from_weights(c, normed.backbone, tmp_path / "raw", ts)
+        load_weights(again, ts)
+        with torch.no_grad():
+            torch.testing.assert_close(again.id_table(), ref.id_table())
+    # the RMS is a constant of the step: the gradient reaches the codebooks through P only
+    normed.towers["item"].level_embeddings(1).sum().backward()
+    cb = normed.towers["item"].tokenizer.codebooks[1]
+    expected = normed.towers["item"].proj.weight.sum(0) / cb.detach().pow(2).mean().sqrt()
+    torch.testing.assert_close(cb.grad, expected.expand_as(cb))
 
 
 def test_each_loss_term_follows_its_flag(bb_dir, ds, tmp_path, monkeypatch):
@@ -293,7 +370,7 @@ def test_checkpoints_from_before_the_free_rows_and_text_head_load_as_trained(bb_
     L_ID on h directly, loads without missing keys, and gives the same ID table and L_ID as the model it came from."""
     from ttds.train.loop import load_weights, weights
 
-    old, cfg = _model(bb_dir, ds, tmp_path, extra=("dynamic.id_rows=false",))
+    old, cfg = _model(bb_dir, ds, tmp_path, extra=("dynamic.id_rows=false", "dynamic.id_init=projected"))
     for t in old.towers.values():
         t.text_head = torch.nn.Identity()  # what such a checkpoint was trained with
     tensors = {k: v.clone() for k, v in weights(old).items()}

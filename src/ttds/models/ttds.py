@@ -61,7 +61,7 @@ class TowerTokenizer(nn.Module):
 
     def __init__(self, tower: str, tokenizer: nn.Module, x: torch.Tensor, d_model: int, collision: str = "ttds",
                  capacity: int = 64, word_std: float = 0.05, text_head: bool = True, behaviour: bool = False,
-                 only_colliding: bool = True):
+                 only_colliding: bool = True, level_norm: bool = False):
         super().__init__()
         self.tower, self.collision, self.only_colliding = tower, collision, only_colliding
         self.tokenizer = tokenizer
@@ -82,9 +82,11 @@ class TowerTokenizer(nn.Module):
         else:  # checkpoints from before the head existed compare h with X directly
             self.text_head = nn.Identity()
         if self.has_codebooks:
+            if level_norm:  # saved, so a checkpoint rebuilds the same table (older checkpoints: raw codebooks)
+                self.register_buffer("level_norm", torch.ones((), dtype=torch.bool))
             self.proj = nn.Linear(tokenizer.cfg.code_dim, d_model, bias=False)
             with torch.no_grad():  # start at the scale of the word embeddings
-                out = self.proj(torch.cat(list(tokenizer.codebooks)))
+                out = self.proj(torch.cat([self.proj_input(lv) for lv in range(self.n_code_levels)]))
                 self.proj.weight.mul_(word_std / out.std().clamp_min(1e-8))
 
     @property
@@ -99,10 +101,20 @@ class TowerTokenizer(nn.Module):
     def level_sizes(self) -> list[int]:
         return list(self.tokenizer.level_sizes) + ([self.capacity] if self.collision != "none" else [])
 
+    def proj_input(self, level: int) -> torch.Tensor:
+        """[K, code_dim] what the projection P sees of a level's codebook: the code vectors, or with
+        `dynamic.level_norm` the code vectors over the level's RMS (no gradient through the RMS). Residual levels
+        shrink (SmolLM2-L10 on Scientific: RMS 0.44 / 0.17 / 0.08 / 0.04 at levels 0-3), so without it the deepest
+        level's ID embeddings start 10x smaller than the first's; with it every level starts at the word scale."""
+        cb = self.tokenizer.codebooks[level]
+        if hasattr(self, "level_norm"):
+            cb = cb / cb.detach().pow(2).mean().sqrt().clamp_min(1e-8)
+        return cb
+
     def level_embeddings(self, level: int) -> torch.Tensor | None:
         """[K, d] embeddings of a level's ID tokens, or None for a level without a codebook."""
         if self.has_codebooks and level < self.n_code_levels:
-            return self.proj(self.tokenizer.codebooks[level])
+            return self.proj(self.proj_input(level))
         return None
 
     @torch.no_grad()

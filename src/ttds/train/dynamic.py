@@ -62,7 +62,9 @@ class DynamicConfig:
     refresh_text: bool = True  # re-encode X = f(C) with the current backbone at each re-assignment
     reassign_margin: float = 2.0  # sticky re-assignment: a code changes only if another is closer by > this share
     id_rows: bool = True  # ID embedding = P(codebook) + a free row; false: P(codebook) only
-    id_init: str = "projected"  # projected: E = P(codebook) at start (free rows zero) | random: TTSS-like random rows, P zero
+    id_init: str = "random"  # random: TTSS-like random rows, P zero | projected: E = P(codebook) at start (free rows zero)
+    proj_lr_scale: float | str = "auto"  # lr of the codebook projections P / the ID rows' lr; auto: 1 / max codebook row L1
+    level_norm: bool = False  # P sees each level's codebook over its RMS, so every level's ID embeddings start at one scale
     freeze_last_epochs: int = 0  # ETEGRec-style: no re-assignment, frozen tokenizers in the final epochs
     disambig_capacity: int = 64  # size of the disambiguation level (fixed token space)
     behaviour_weight: float = 0.0  # >0: item tokenizer input at re-assignment = text X + w x mean LM state predicting the item
@@ -72,7 +74,10 @@ class DynamicConfig:
             raise TTDSError(f"config dynamic.id_init={self.id_init!r}: expected one of {', '.join(ID_INITS)}")
         if self.id_init == "random" and not self.id_rows:
             raise TTDSError("config dynamic.id_init=random: needs dynamic.id_rows=true (the random start lives in the free "
-                            "rows; without them every ID embedding would start at zero)")
+                            "rows; without them every ID embedding would start at zero); with id_rows=false set "
+                            "dynamic.id_init=projected")
+        if self.proj_lr_scale != "auto" and not (isinstance(self.proj_lr_scale, (int, float)) and self.proj_lr_scale >= 0):
+            raise TTDSError(f"config dynamic.proj_lr_scale={self.proj_lr_scale!r}: expected 'auto' or a number >= 0")
 
 
 @dataclass
@@ -111,7 +116,8 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
     x, _, _ = tower_vectors(ds, tower, icfg, backbone)
     word_std = float(backbone.hf_model.get_input_embeddings().weight.detach().std())
     t = TowerTokenizer(tower, tok, x, backbone.hidden_size, icfg.collisions, dyn.disambig_capacity, word_std,
-                       behaviour=tower == "item" and dyn.behaviour_weight > 0, only_colliding=icfg.disambiguate == "colliding")
+                       behaviour=tower == "item" and dyn.behaviour_weight > 0, only_colliding=icfg.disambiguate == "colliding",
+                       level_norm=dyn.level_norm)
     if icfg.collisions != "none":  # room for collisions to grow while codes move
         need = int(t.resolved_codes()[:, -1].max()) + 1
         t.disambig_size.fill_(max(t.capacity, 2 * need))
@@ -152,26 +158,46 @@ def model_from_weights(cfg: dict, backbone, out: Path, tensors: dict) -> TTDSRec
                            icfg.collisions, int(tensors[f"towers.{tower}.disambig_size"]),
                            text_head=f"towers.{tower}.text_head.weight" in tensors,
                            behaviour=f"towers.{tower}.behaviour_sum" in tensors,
-                           only_colliding=icfg.disambiguate == "colliding" and bool((tensors[f"{tower}_codes"][:, -1] < 0).any()))
+                           only_colliding=icfg.disambiguate == "colliding" and bool((tensors[f"{tower}_codes"][:, -1] < 0).any()),
+                           level_norm=f"towers.{tower}.level_norm" in tensors)
         towers[tower] = t
         indices[tower] = SemanticIndex(tensors[f"{tower}_codes"].numpy(), t.level_sizes,
                                        level_prefixes(tower, t.n_code_levels, t.collision != "none"), tower)
     return _finish_model(cfg, backbone, towers, indices, "id_rows" in tensors)
 
 
+def proj_lr_scale(model: TTDSRecommender, dyn: DynamicConfig) -> float:
+    """The codebook projections' learning rate as a multiple of the ID rows' (`dynamic.proj_lr_scale`).
+
+    An AdamW step moves every weight of P by about its lr, so it moves a projected ID embedding P(c) by up to
+    lr x ||c||_1: with SmolLM2-L10 on Scientific the level-0 codebook rows have ||c||_1 ~ 100, so at the tokenizers'
+    lr (5e-4) P moved level-0 embeddings by up to 0.05 a step, the whole word-embedding scale (0.034), where a free
+    row moves by its lr (1e-3). `auto` = 1 / the largest mean row L1 norm over the towers' codebook levels: the
+    projected table then moves no faster than a free row at any level."""
+    if dyn.proj_lr_scale != "auto":
+        return float(dyn.proj_lr_scale)
+    l1 = [float(t.proj_input(lv).detach().abs().sum(1).mean()) for t in model.towers.values() if t.has_codebooks
+          for lv in range(t.n_code_levels)]
+    return 1.0 / max(max(l1, default=1.0), 1.0)
+
+
 def param_groups(model: TTDSRecommender, tc: GenTrainConfig, dyn: DynamicConfig) -> list[dict]:
     """AdamW groups: backbone (`train.lr`), new ID parameters (`train.id_lr`), tokenizers (`dynamic.tokenizer_lr`),
-    and the towers' codebook projections and L_ID text heads (`dynamic.tokenizer_lr`). The last are the
-    recommender's side of the towers: they keep training when the tokenizers are frozen (static index, late freeze)."""
+    the towers' codebook projections (`train.id_lr` x `dynamic.proj_lr_scale`) and L_ID text heads
+    (`dynamic.tokenizer_lr`). The last two are the recommender's side of the towers: they keep training when the
+    tokenizers are frozen (static index, late freeze)."""
     tok = [p for t in model.towers.values() for p in t.tokenizer.parameters()]
-    heads = [p for t in model.towers.values() for m in (getattr(t, "proj", None), t.text_head) if m is not None
-             for p in m.parameters()]
+    proj = [p for t in model.towers.values() if t.has_codebooks for p in t.proj.parameters()]
+    heads = [p for t in model.towers.values() for p in t.text_head.parameters()]
     new = [model.id_emb, model.id_bias] + list(model.head.parameters())
-    skip = {id(p) for p in tok + heads + new}
+    skip = {id(p) for p in tok + proj + heads + new}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    scale = proj_lr_scale(model, dyn)
     groups = [{"params": body, "lr": tc.lr, "base_lr": tc.lr, "name": "body"},
               {"params": new, "lr": tc.id_lr, "base_lr": tc.id_lr, "name": "new"},
               {"params": tok, "lr": dyn.tokenizer_lr, "base_lr": dyn.tokenizer_lr, "name": "tokenizer"},
+              {"params": proj, "lr": tc.id_lr * scale, "base_lr": tc.id_lr * scale, "warmup_scale": scale,
+               "name": "projection"},
               {"params": heads, "lr": dyn.tokenizer_lr, "base_lr": dyn.tokenizer_lr, "name": "tower_heads"}]
     return [g for g in groups if g["params"]]
 
@@ -302,9 +328,9 @@ class DynamicTrainer(LMTrainer):
 
     def set_lr(self) -> float:
         step = self.state["step"]
-        if step < self.warm:  # tokenizers and ID head only (paper: lr 1e-3)
+        if step < self.warm:  # tokenizers and ID head only (paper: lr 1e-3; the projections at their share of it)
             for g in self.opt.param_groups:
-                g["lr"] = self.dyn.warmup_lr if g["name"] in ("tokenizer", "tower_heads", "new") else 0.0
+                g["lr"] = 0.0 if g["name"] == "body" else self.dyn.warmup_lr * g.get("warmup_scale", 1.0)
             return 1.0
         mult = warmup_cosine(step - self.warm, max(1, self.total_steps - self.warm), self.tc.warmup_steps, self.tc.min_lr_ratio)
         for g in self.opt.param_groups:
@@ -314,7 +340,7 @@ class DynamicTrainer(LMTrainer):
     def grad_groups(self) -> dict[str, list]:
         """The recommender's gradient norm (backbone, ID rows, head) apart from the towers' (tokenizers, codebook
         projections, text heads): one clip covers both, so a large tower gradient shrinks the backbone's step too."""
-        towers = {"tokenizer", "tower_heads"}
+        towers = {"tokenizer", "projection", "tower_heads"}
         return {name: [p for g in self.opt.param_groups if (g["name"] in towers) == side for p in g["params"]]
                 for name, side in (("grad_norm", False), ("grad_norm_towers", True))}
 
