@@ -518,3 +518,27 @@ def test_refresh_encodes_in_the_training_precision(bb_dir, ds, tmp_path, monkeyp
     for t in model.towers:
         cos = torch.nn.functional.cosine_similarity(x["fp32"][t], x["bf16"][t], dim=1)
         assert cos.min() > 0.99 and not torch.equal(x["fp32"][t], x["bf16"][t])
+
+
+def test_id_table_parts_benchmark_reads_a_checkpoint(bb_dir, ds, tmp_path):
+    """benchmarks/id_table_parts.py: the P(c) and free-row sizes it prints are the model's own."""
+    import importlib.util
+    from pathlib import Path
+
+    from ttds.io import save_safetensors
+    from ttds.train.loop import weights
+
+    spec = importlib.util.spec_from_file_location("id_table_parts", Path(__file__).parents[1] / "benchmarks" / "id_table_parts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for init, norm in (("projected", "false"), ("projected", "true"), ("random", "false")):
+        model, _ = _model(bb_dir, ds, tmp_path / "m", extra=(f"dynamic.id_init={init}", f"dynamic.level_norm={norm}"))
+        save_safetensors(tmp_path / "model.safetensors", weights(model))
+        got = dict(bench.parts(str(tmp_path / "model.safetensors")))
+        t = model.towers["item"]
+        with torch.no_grad():
+            for lv in range(t.n_code_levels):
+                want = float(t.level_embeddings(lv).pow(2).mean().sqrt())
+                assert got[f"item: P(c) RMS, level {lv}"] == pytest.approx(want, rel=1e-4, abs=1e-8)
+            assert got["free rows R, all ID tokens"] == pytest.approx(float(model.id_emb.pow(2).mean().sqrt()), rel=1e-4)
+        assert (got["item: P(c) RMS, level 0"] == 0) == (init == "random")
