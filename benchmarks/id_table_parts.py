@@ -14,6 +14,7 @@ import sys
 import torch
 
 from ttds.io import load_safetensors
+from ttds.models.ttds import level_scaled
 
 
 def parts(path: str) -> list[tuple[str, float]]:
@@ -31,7 +32,7 @@ def parts(path: str) -> list[tuple[str, float]]:
         while f"towers.{tower}.tokenizer.codebooks.{level}" in t:
             cb = t[f"towers.{tower}.tokenizer.codebooks.{level}"].float()
             if f"towers.{tower}.level_norm" in t:
-                cb = cb / cb.pow(2).mean().sqrt().clamp_min(1e-8)
+                cb = level_scaled(cb)
             rows.append((f"{tower}: P(c) RMS, level {level}", float((cb @ p.T).pow(2).mean().sqrt())))
             level += 1
     return rows

@@ -364,7 +364,8 @@ def _same_run(one: Path, two: Path, n_steps: int, rtol: float = 1e-5) -> None:
     off = {k: (a[k].double() - b[k].double()).abs() for k in a}
     n_off = sum(int((d > 1e-4).sum()) for d in off.values())
     worst = max(off, key=lambda k: float(off[k].max()))
-    assert n_off <= 1e-3 * sum(d.numel() for d in off.values()) and float(off[worst].max()) < 2e-3 * n_steps, \
+    lr = 1e-3  # train.lr, train.id_lr and dynamic.warmup_lr of these runs: a flipped step moves a weight by 2 lr at most
+    assert n_off <= 1e-3 * sum(d.numel() for d in off.values()) and float(off[worst].max()) < 2 * lr * n_steps, \
         (two.name, n_off, worst, float(off[worst].max()))
 
 

@@ -198,7 +198,7 @@ def test_random_id_init_starts_like_ttss_and_the_rec_loss_still_reaches_the_code
 def test_projection_lr_keeps_the_projected_table_as_slow_as_a_free_row(bb_dir, ds, tmp_path):
     """`dynamic.proj_lr_scale`: an AdamW step moves each weight of P by its lr, so P(c) by up to lr x ||c||_1. With
     `auto` (lr = train.id_lr / the largest mean codebook row L1) the first step moves the projected level-0 table by
-        no more than a free row moves (train.id_lr); at the rows' own lr (scale 1) it moves up to ||c||_1 times more (with
+    no more than a free row moves (train.id_lr); at the rows' own lr (scale 1) it moves up to ||c||_1 times more (with
     SmolLM2-L10 on Scientific ||c||_1 ~ 90 at level 0: part of session 25's slow TTDS, README)."""
     model, cfg = _model(bb_dir, ds, tmp_path)
     t = model.towers["item"]

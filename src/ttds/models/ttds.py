@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 ID_INITS = ("projected", "random")  # `dynamic.id_init`: how the ID embeddings start (TTDSRecommender)
 
 
+def level_scaled(codebook: torch.Tensor) -> torch.Tensor:
+    """A codebook level over its RMS, the RMS a constant of the step (`dynamic.level_norm`)."""
+    return codebook / codebook.detach().pow(2).mean().sqrt().clamp_min(1e-8)
+
+
 class TowerTokenizer(nn.Module):
     """One tower: its tokenizer module (RQ-VAE, or LSH without parameters), the text representation
     X of every entity (a buffer refreshed with the backbone), and the codebook -> ID-embedding
@@ -107,9 +112,7 @@ class TowerTokenizer(nn.Module):
         shrink (SmolLM2-L10 on Scientific: RMS 0.44 / 0.17 / 0.08 / 0.04 at levels 0-3), so without it the deepest
         level's ID embeddings start 10x smaller than the first's; with it every level starts at the word scale."""
         cb = self.tokenizer.codebooks[level]
-        if hasattr(self, "level_norm"):
-            cb = cb / cb.detach().pow(2).mean().sqrt().clamp_min(1e-8)
-        return cb
+        return level_scaled(cb) if hasattr(self, "level_norm") else cb
 
     def level_embeddings(self, level: int) -> torch.Tensor | None:
         """[K, d] embeddings of a level's ID tokens, or None for a level without a codebook."""

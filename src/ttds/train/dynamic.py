@@ -170,7 +170,7 @@ def proj_lr_scale(model: TTDSRecommender, dyn: DynamicConfig) -> float:
     """The codebook projections' learning rate as a multiple of the ID rows' (`dynamic.proj_lr_scale`).
 
     An AdamW step moves every weight of P by about its lr, so it moves a projected ID embedding P(c) by up to
-    lr x ||c||_1: with SmolLM2-L10 on Scientific the level-0 codebook rows have ||c||_1 ~ 100, so at the tokenizers'
+    lr x ||c||_1: with SmolLM2-L10 on Scientific the level-0 codebook rows have ||c||_1 ~ 92, so at the tokenizers'
     lr (5e-4) P moved level-0 embeddings by up to 0.05 a step, the whole word-embedding scale (0.034), where a free
     row moves by its lr (1e-3). `auto` = 1 / the largest mean row L1 norm over the towers' codebook levels: the
     projected table then moves no faster than a free row at any level."""
