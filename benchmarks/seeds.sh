@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# TTDS beside its static twin TTSS over several seeds, session 27's protocol (1,023 steps, validation NDCG@10 every
+# 114 steps on 2,000 users, one thread per run, fp32), two runs at a time on two cores, the longer TTDS run first.
+# Resumable: re-run the same command; a finished run only re-reads its metrics.json. Afterwards:
+#   .venv/bin/ttds compare runs/seeds/ttss-<data>-<seed> runs/seeds/ttds-<data>-<seed>     (paired, per seed)
+#   .venv/bin/python benchmarks/collect_runs.py ablations benchmarks/results/seeds-<data> TTSS@43=runs/seeds/ttss-<data>-43 \
+#       TTDS@43=runs/seeds/ttds-<data>-43 ...     (one table, mean ± std over seeds, paired differences)
+# (`ttds bench ablations --only ttss,ttds --seeds ...` does the same one run at a time; this runs two at once.)
+# Usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]   (extra settings go to the TTDS runs only), e.g.
+#   benchmarks/seeds.sh ../shared/data/Scientific "43 44" --set dynamic.refresh_text=false
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]}
+SEEDS=${2:?usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]}
+shift 2
+NAME=$(basename "$DATA")
+mkdir -p runs/seeds
+run() {  # run MODEL SEED [--set ...]: one training + test, log beside its folder
+    local model=$1 seed=$2; shift 2
+    local out=runs/seeds/$model-$NAME-$seed
+    .venv/bin/ttds train --model "$model" --data "$DATA" --out "$out" --set seed="$seed" --set threads=1 \
+        --set train.max_steps=1023 --set train.eval_steps=114 --set eval.final_valid=false \
+        --set eval.template_mean_users=500 "$@" >> "$out.log" 2>&1
+}
+for seed in $SEEDS; do
+    run ttds "$seed" "$@" &
+    run ttss "$seed"
+    wait
+done
