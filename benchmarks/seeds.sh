@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:?usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]}
 SEEDS=${2:?usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]}
 shift 2
-NAME=$(basename "$DATA")
+NAME=$(basename "$DATA" | tr -c "A-Za-z0-9._\n-" _)  # a safe folder name (builtin:users=60 -> builtin_users_60)
 mkdir -p runs/seeds
 run() {  # run MODEL SEED [--set ...]: one training + test, log beside its folder
     local model=$1 seed=$2; shift 2
