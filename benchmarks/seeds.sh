@@ -6,7 +6,8 @@
 #   .venv/bin/python benchmarks/collect_runs.py ablations benchmarks/results/seeds-<data> TTSS@43=runs/seeds/ttss-<data>-43 \
 #       TTDS@43=runs/seeds/ttds-<data>-43 ...     (one table, mean ± std over seeds, paired differences)
 # (`ttds bench ablations --only ttss,ttds --seeds ...` does the same one run at a time; this runs two at once.)
-# Usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]   (extra settings go to the TTDS runs only), e.g.
+# Usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]   (extra settings go to both runs, so the budget stays
+# the same; `dynamic.*` settings act on TTDS only), e.g.
 #   benchmarks/seeds.sh ../shared/data/Scientific "43 44" --set dynamic.refresh_text=false
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ run() {  # run MODEL SEED [--set ...]: one training + test, log beside its folde
 }
 for seed in $SEEDS; do
     run ttds "$seed" "$@" &
-    run ttss "$seed"
-    wait
+    ttds_pid=$!
+    run ttss "$seed" "$@"
+    wait "$ttds_pid"  # a failed TTDS run stops the script too (bare `wait` would return 0)
 done
