@@ -162,6 +162,22 @@ def test_config_errors(tmp_path, run_cli):
         load_config(model="nosuch")
 
 
+@pytest.mark.parametrize("model,setting,needle", [
+    ("ttss", "bogus.key=1", "unknown top-level config key 'bogus'"),
+    ("ttss", "train.max_stepz=1", "config train.max_stepz: unknown key"),
+    ("ttss", "tasks.seqrecc=1", "config tasks.seqrecc: unknown key"),
+    ("ttds", "dynamic.refresh_txt=false", "config dynamic.refresh_txt: unknown key"),
+    ("ttds", "loss.alfa=0", "config loss.alfa: unknown key"),
+    ("ttds", "index.options.levls=3", "config index.options.levls: unknown key"),
+])
+def test_config_typo_stops_before_any_work(tmp_path, run_cli, model, setting, needle):
+    """A typo anywhere in an LM recipe's config is one error line before the run folder, the backbone or the index fit."""
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", "--model", model, "--data", "builtin:users=20,items=20", "--out", out, "--set", setting)
+    _assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
 def test_atomic_write_survives_failure(tmp_path):
     from ttds.io import atomic_path, write_json
 

@@ -17,10 +17,31 @@ def test_layers_in_order(tmp_path, monkeypatch):
     user = tmp_path / "user.yaml"
     user.write_text("d: 3\n")
     monkeypatch.setattr("ttds.config.CONFIG_DIR", cfgdir)
-    cfg = load_config("m", "Games", user, ["train.lr=1e-3", "new.key=[1, 2]"])
-    assert (cfg["a"], cfg["b"], cfg["c"], cfg["d"]) == (0, 1, 2, 3)
+    cfg = load_config("m", "Games", user, ["train.lr=1e-3", "a=[1, 2]"])
+    assert (cfg["a"], cfg["b"], cfg["c"], cfg["d"]) == ([1, 2], 1, 2, 3)
     assert cfg["train"] == {"lr": 0.001, "epochs": 3}
-    assert cfg["new"]["key"] == [1, 2]
+
+
+def test_unknown_top_level_key_is_one_clear_error(tmp_path):
+    with pytest.raises(TTDSError, match=r"--set bogus.key=1: unknown top-level config key 'bogus'; expected one of .*train"):
+        load_config("ttss", overrides=["bogus.key=1"])
+    user = tmp_path / "user.yaml"
+    user.write_text("trian: {lr: 0.1}\n")
+    with pytest.raises(TTDSError, match=r"user.yaml: unknown top-level config key 'trian'"):
+        load_config("ttss", file=user)
+    # every key a shipped layer declares passes, and a written run config reads back (it carries `name`)
+    cfg = load_config("ttds", overrides=["dist.strategy=fsdp", "name=ttds"])
+    user.write_text(yaml.safe_dump(cfg))
+    assert load_config(file=user) == cfg
+
+
+def test_section_of_another_model_is_kept_but_logged_as_ignored(caplog):
+    cfg = load_config("ttss", overrides=["dynamic.refresh_text=false"])
+    assert cfg["dynamic"] == {"refresh_text": False}
+    assert "config section 'dynamic': not a setting of model 'ttss'; ignored" in caplog.text
+    caplog.clear()
+    load_config("ttds", overrides=["dynamic.refresh_text=false"])
+    assert "ignored" not in caplog.text
 
 
 def test_model_base_layer(tmp_path, monkeypatch):

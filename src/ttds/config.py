@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from ttds.errors import TTDSError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -108,25 +110,52 @@ def model_layer(model: str, seen: tuple[str, ...] = ()) -> dict:
     return merge(model_layer(base, seen + (model,)), layer)
 
 
+def known_sections() -> set[str]:
+    """Top-level keys that some shipped layer declares: defaults.yaml or a model's YAML."""
+    keys = set(_read_yaml(CONFIG_DIR / "defaults.yaml"))
+    for name in available("models"):
+        keys |= set(_read_yaml(CONFIG_DIR / "models" / f"{name}.yaml")) - {"base"}
+    return keys
+
+
+def _check_top_level(layer: dict, source: str, known: set[str]) -> None:
+    """A top-level key no shipped layer declares is a typo (`--set trian.lr=...`): one clear line, not a silent no-op."""
+    for key in layer:
+        if key not in known:
+            raise TTDSError(f"{source}: unknown top-level config key {key!r}; expected one of {', '.join(sorted(known))}")
+
+
 def load_config(
     model: str | None = None,
     dataset: str | None = None,
     file: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> dict:
-    """Resolve the layered config. `dataset` is a dataset name (its layer is optional)."""
+    """Resolve the layered config. `dataset` is a dataset name (its layer is optional).
+    Every top-level key must be one a shipped layer declares; a section the model's own layers lack (e.g. `dynamic.*`
+    for the static `ttss`) is kept but logged as ignored."""
+    known = known_sections()
     cfg = _read_yaml(CONFIG_DIR / "defaults.yaml")
     if model:
         cfg = merge(cfg, model_layer(model))
+    own = set(cfg)
     if dataset:
         path = CONFIG_DIR / "datasets" / f"{dataset.lower()}.yaml"
         if path.is_file():
-            cfg = merge(cfg, _read_yaml(path))
+            layer = _read_yaml(path)
+            _check_top_level(layer, str(path), known)
+            cfg = merge(cfg, layer)
     if file:
-        cfg = merge(cfg, _read_yaml(Path(file)))
+        layer = _read_yaml(Path(file))
+        _check_top_level(layer, str(file), known)
+        cfg = merge(cfg, layer)
     for text in overrides or []:
         keys, value = parse_override(text)
+        _check_top_level({keys[0]: None}, f"--set {text}", known)
         set_path(cfg, keys, value)
+    if model:
+        for key in sorted(set(cfg) - own):
+            log.warning("config section %r: not a setting of model %r; ignored", key, model)
     return cfg
 
 

@@ -387,8 +387,8 @@ class DynamicTrainer(LMTrainer):
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     from ttds.index.build import check_user_fit, index_config, tower_inputs
 
-    ic, out, device, split = begin(cfg, ds, out_dir)  # under torchrun: joins the group, this rank's device
-    if split is None:
+    ic, out, device, split = begin(cfg, ds, out_dir, (("dynamic", DynamicConfig), ("loss", LossConfig)))
+    if split is None:  # (begin: under torchrun joins the group and picks this rank's device)
         return read_json(out / "metrics.json")
     dyn = section(cfg, "dynamic", DynamicConfig)
     lc = section(cfg, "loss", LossConfig)

@@ -31,7 +31,7 @@ from ttds.models.generative import GenerativeRecommender
 from ttds.runtime import resolve_precision
 from ttds.tasks import templates
 from ttds.tasks.builders import TaskConfig
-from ttds.train.loop import GenEvalConfig, LMTrainer, load_weights, resolve_seen_items, resolve_user_profile, start
+from ttds.train.loop import GenEvalConfig, GenTrainConfig, LMTrainer, load_weights, resolve_seen_items, resolve_user_profile, start
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,18 @@ class GenerativeTrainer(LMTrainer):
                 {"params": [p for p in new if p.requires_grad], "lr": tc.id_lr, "base_lr": tc.id_lr, "name": "new"}]
 
 
-def begin(cfg: dict, ds: RecDataset, out_dir: Path):
-    """The LM recipes' first lines: the index config, the config's `auto` rules resolved from the data (seen items,
-    user profile), then `start` (run folder, torchrun group and device, split; split None = already finished)."""
+def begin(cfg: dict, ds: RecDataset, out_dir: Path, sections: tuple = ()):
+    """The LM recipes' first lines: every section they read checked (plus the recipe's own `sections`, (name, dataclass)
+    pairs), the config's `auto` rules resolved from the data (seen items, user profile), then `start` (run folder,
+    torchrun group and device, split; split None = already finished). Returns (index config, out, device, split)."""
+    from ttds.backbone import BackboneConfig
+    from ttds.index.build import index_config
+
     ic = section(cfg, "index", RecIndexConfig)
+    for name, cls in (("backbone", BackboneConfig), ("tasks", TaskConfig), ("train", GenTrainConfig), ("eval", GenEvalConfig),
+                      *sections):
+        section(cfg, name, cls)  # a typo in any section stops here, before minutes of index fitting
+    index_config(cfg)
     resolve_seen_items(cfg, ds)
     resolve_user_profile(cfg, ds, ic.user_source if ic.user else None)
     return (ic, *start(cfg, ds, out_dir))
