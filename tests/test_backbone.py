@@ -107,6 +107,14 @@ def test_num_layers_keeps_the_first_pretrained_layers(tmp_path, minilm, caplog):
         full = minilm.body(**x, output_hidden_states=True).hidden_states[2]
         assert torch.allclose(cut.body(**x).last_hidden_state, full, atol=1e-5)
     assert embedding_key(cut, ["a"]) != embedding_key(minilm, ["a"])  # cached text embeddings are per depth
+    threads = torch.get_num_threads()
+    key = embedding_key(minilm, ["a"])
+    try:  # ... and per thread count (the float sums differ), so a run never reads another thread count's vectors
+        torch.set_num_threads(threads % 2 + 1)
+        assert embedding_key(minilm, ["a"]) != key
+    finally:
+        torch.set_num_threads(threads)
+    assert embedding_key(minilm, ["a"]) == key
     cut.save_pretrained(tmp_path / "cut")
     assert len(Backbone.from_pretrained(tmp_path / "cut").body.encoder.layer) == 2
     with pytest.raises(TTDSError, match="num_layers=7: the model at .* has only 6 layers"):

@@ -172,10 +172,12 @@ def tower_vectors(ds: RecDataset, tower: str, cfg: IndexConfig, backbone) -> tup
 
 
 def embedding_key(backbone, texts: list[str]) -> str:
-    """Cache key: the backbone's identity and settings + every text (so template and data are in it)."""
+    """Cache key: the backbone's identity and settings + every text (so template and data are in it) + the device and
+    thread count, which change the float sums: a run reads only vectors it would have computed itself."""
     h = hashlib.sha256()
     ident = [backbone.cfg.name_or_path, str(backbone.path), backbone.cfg.pooling, backbone.cfg.max_text_tokens,
-             backbone.cfg.dtype, backbone.cfg.causal, len(backbone.added_tokens), backbone.lora_applied]
+             backbone.cfg.dtype, backbone.cfg.causal, len(backbone.added_tokens), backbone.lora_applied,
+             str(backbone.device), torch.get_num_threads()]
     if backbone.cfg.num_layers is not None:  # appended only when set, so the keys of full backbones stay valid
         ident.append(backbone.cfg.num_layers)
     h.update(json.dumps(ident).encode())
