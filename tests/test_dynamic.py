@@ -398,12 +398,22 @@ def test_late_freeze_counts_from_the_last_epoch_the_step_budget_reaches(bb_dir, 
     per_epoch = json.loads((tmp_path / "one" / "state.json").read_text())["step"]
     three = [f"train.max_steps={3 * per_epoch}", *base]  # train.epochs stays 50
 
-    def reassigned_at(name, extra=()):
-        dynamic.train(_cfg(bb_dir, "ttds", [*three, *extra]), small, tmp_path / name)
-        return [r["step"] for r in json.loads((tmp_path / name / "state.json").read_text())["reassign"]]
+    def reassigned_at(name, extra=(), budget=three):
+        dynamic.train(_cfg(bb_dir, "ttds", [*budget, *extra]), small, tmp_path / name)
+        done = [r["step"] for r in json.loads((tmp_path / name / "state.json").read_text())["reassign"]]
+        log = (tmp_path / name / "run.log").read_text()
+        planned = re.search(r"dynamic: \d+ code re-assignment\(s\) planned, at step\(s\) ([\d, ]+)", log)
+        # the plan logged at the start is what the run did; an empty plan is a warning naming the setting to change
+        assert [int(x) for x in planned.group(1).split(", ")] == done if planned else \
+            not done and "dynamic: no code re-assignment falls inside this run's" in log and "reassign_steps=N" in log
+        return done
 
     assert reassigned_at("free") == [per_epoch, 2 * per_epoch]
     assert reassigned_at("late", ["dynamic.freeze_last_epochs=1"]) == [per_epoch]  # the final epoch keeps its index
+    assert reassigned_at("steps", ["dynamic.reassign_steps=2"]) == list(range(2, 3 * per_epoch, 2))
+    assert reassigned_at("short", budget=[f"train.max_steps={per_epoch - 1}", *base]) == []  # under an epoch: none
+    # an epoch budget: the last epoch's end is the end of the run, no re-assignment there
+    assert reassigned_at("epochs", budget=["train.epochs=2", *base]) == [per_epoch]
 
 
 def test_behaviour_states_are_recorded_per_predicted_item_and_fused(bb_dir, ds, tmp_path):

@@ -306,6 +306,31 @@ class DynamicTrainer(LMTrainer):
     def param_groups(self) -> list[dict]:
         return param_groups(self.model, self.tc, self.dyn)
 
+    def planned_reassignments(self) -> list[int]:
+        """The steps at which codes will be re-assigned if the run goes to its planned end (the epoch length is the
+        first epoch's, as the lr schedule's)."""
+        dyn, end, per = self.dyn, self.total_steps, self.per_epoch
+        if not dyn.enabled:
+            return []
+        if dyn.reassign_steps:  # after a step, in 0-based epoch (step - 1) // per; the last step ends the run instead
+            at = [(s, (s - 1) // per) for s in range(dyn.reassign_steps, end, dyn.reassign_steps)]
+        else:  # at the end of epoch e (1-based), unless it ends the run
+            at = [(e * per, e) for e in range(dyn.reassign_every, self.tc.epochs, dyn.reassign_every) if e * per < end] \
+                if dyn.reassign_every else []
+        return [s for s, e in at if s > self.warm and not self.frozen_index(e)]
+
+    def setup(self) -> None:
+        super().setup()
+        plan, dyn = self.planned_reassignments(), self.dyn
+        if plan:
+            log.info("dynamic: %d code re-assignment(s) planned, at step(s) %s", len(plan),
+                     ", ".join(map(str, plan[:10])) + (", ..." if len(plan) > 10 else ""))
+        elif dyn.enabled:  # e.g. a step budget shorter than an epoch on a large dataset: the IDs never change
+            log.warning("dynamic: no code re-assignment falls inside this run's %d steps (an epoch is %d steps; "
+                        "dynamic.reassign_every=%d, reassign_steps=%d, warmup_steps=%d): the IDs stay as first assigned. "
+                        "Set dynamic.reassign_steps=N to re-assign every N steps", self.total_steps, self.per_epoch,
+                        dyn.reassign_every, dyn.reassign_steps, self.warm)
+
     def extra_state(self) -> dict:
         return {"reassign_seconds": 0.0, "reassign": []}
 
@@ -372,7 +397,8 @@ class DynamicTrainer(LMTrainer):
     def on_epoch_end(self) -> None:
         s, dyn = self.state, self.dyn
         if dyn.reassign_every and not dyn.reassign_steps and s["epoch"] % dyn.reassign_every == 0 \
-                and s["step"] > self.warm and not self.frozen_index(s["epoch"]) and not s["done"]:
+                and s["epoch"] < self.tc.epochs and s["step"] > self.warm and not self.frozen_index(s["epoch"]) \
+                and not s["done"]:  # (the last epoch's end is the end of the run: nothing trains on new codes)
             self.do_reassign()
 
     def on_best(self) -> None:  # the index of the best model, LC-Rec format (the codes are also model buffers)

@@ -364,7 +364,7 @@ class LMTrainer:
         # schedule length from the first epoch's batch count (the task mix is re-sampled each epoch)
         n_batches = len(bucket_batches(build_epoch(self.data, self.task_cfg, np.random.default_rng([self.seed, 0])), tc.batch_size,
                                        np.random.default_rng(0), tc.max_tokens))
-        per_epoch = max(1, math.ceil(n_batches / tc.grad_accum))
+        self.per_epoch = per_epoch = max(1, math.ceil(n_batches / tc.grad_accum))
         # the cosine ends where training ends: `train.max_steps` when it comes before the last epoch. (Until
         # session 4 it always ended after `train.epochs`: a 2-epoch budget of a 10-epoch plan kept the lr at
         # x0.93, and validation NDCG@10 swung by up to 0.015 between neighbouring checkpoints.) A resume with a
