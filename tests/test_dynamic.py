@@ -396,6 +396,7 @@ def test_late_freeze_counts_from_the_last_epoch_the_step_budget_reaches(bb_dir, 
     base = ["dynamic.warmup_steps=1", "train.eval_every=100", "dynamic.reassign_margin=0"]
     dynamic.train(_cfg(bb_dir, "ttds", ["train.epochs=1", *base]), small, tmp_path / "one")
     per_epoch = json.loads((tmp_path / "one" / "state.json").read_text())["step"]
+    assert per_epoch >= 3  # the "short" budget below (per_epoch - 1 steps) must stay a real, positive step budget
     three = [f"train.max_steps={3 * per_epoch}", *base]  # train.epochs stays 50
 
     def reassigned_at(name, extra=(), budget=three):

@@ -306,18 +306,23 @@ class DynamicTrainer(LMTrainer):
     def param_groups(self) -> list[dict]:
         return param_groups(self.model, self.tc, self.dyn)
 
+    def reassign_due(self, step: int, epoch: int, epoch_end: bool) -> bool:
+        """The one rule for a code re-assignment, after `step` (inside 0-based `epoch`) or at the end of `epoch`
+        (1-based count of finished epochs); the hooks and the logged plan both ask it. The step that ends the run
+        never re-assigns (nothing would train on the new codes); the hooks check that with the run's `done` flag."""
+        dyn = self.dyn
+        if not dyn.enabled or step <= self.warm or self.frozen_index(epoch):
+            return False
+        if dyn.reassign_steps:
+            return not epoch_end and step % dyn.reassign_steps == 0
+        return epoch_end and bool(dyn.reassign_every) and epoch % dyn.reassign_every == 0 and epoch < self.tc.epochs
+
     def planned_reassignments(self) -> list[int]:
         """The steps at which codes will be re-assigned if the run goes to its planned end (the epoch length is the
         first epoch's, as the lr schedule's)."""
-        dyn, end, per = self.dyn, self.total_steps, self.per_epoch
-        if not dyn.enabled:
-            return []
-        if dyn.reassign_steps:  # after a step, in 0-based epoch (step - 1) // per; the last step ends the run instead
-            at = [(s, (s - 1) // per) for s in range(dyn.reassign_steps, end, dyn.reassign_steps)]
-        else:  # at the end of epoch e (1-based), unless it ends the run
-            at = [(e * per, e) for e in range(dyn.reassign_every, self.tc.epochs, dyn.reassign_every) if e * per < end] \
-                if dyn.reassign_every else []
-        return [s for s, e in at if s > self.warm and not self.frozen_index(e)]
+        end, per = self.total_steps, self.per_epoch
+        return sorted({s for s in range(1, end) if self.reassign_due(s, (s - 1) // per, False)}
+                      | {e * per for e in range(1, end // per + 1) if e * per < end and self.reassign_due(e * per, e, True)})
 
     def setup(self) -> None:
         super().setup()
@@ -386,19 +391,16 @@ class DynamicTrainer(LMTrainer):
                            for k, v in r.items() if k in ("item", "user")), r["seconds"])
 
     def after_step(self, parts: dict) -> bool:
-        s, dyn = self.state, self.dyn
+        s = self.state
         s.setdefault("dm_losses", []).append([round(parts.get("l_id", 0.0), 6), round(parts.get("l_token", 0.0), 6)])
-        if dyn.reassign_steps and s["step"] > self.warm and s["step"] % dyn.reassign_steps == 0 \
-                and not self.frozen_index(s["epoch"]) and not s["done"]:
+        if not s["done"] and self.reassign_due(s["step"], s["epoch"], epoch_end=False):
             self.do_reassign()  # mid-epoch: the loop rebuilds the remaining batches with the new codes (same order)
             return True
         return False
 
     def on_epoch_end(self) -> None:
-        s, dyn = self.state, self.dyn
-        if dyn.reassign_every and not dyn.reassign_steps and s["epoch"] % dyn.reassign_every == 0 \
-                and s["epoch"] < self.tc.epochs and s["step"] > self.warm and not self.frozen_index(s["epoch"]) \
-                and not s["done"]:  # (the last epoch's end is the end of the run: nothing trains on new codes)
+        s = self.state
+        if not s["done"] and self.reassign_due(s["step"], s["epoch"], epoch_end=True):
             self.do_reassign()
 
     def on_best(self) -> None:  # the index of the best model, LC-Rec format (the codes are also model buffers)
