@@ -55,8 +55,9 @@ PRECISIONS = ("fp32", "bf16", "auto")
 def has_fast_bf16(device) -> bool:
     """Whether bf16 matmuls are fast on `device`: a CUDA GPU with bf16, or a CPU with AMX or AVX-512 BF16
     units. Measured (`benchmarks/eval_speed.py --bf16`): on an AMX Xeon a bf16 matmul ran 7x fp32's FLOP/s; on an
-    AVX2-only EPYC bf16 ran under 1 GFLOP/s (../shared/NOTES.md), so there it must stay off. A CPU with AVX-512 BF16
-    but no AMX (e.g. AMD Zen 4) is counted as fast without having been measured here."""
+    AVX2-only EPYC bf16 ran under 1 GFLOP/s (../shared/NOTES.md), so there it must stay off; on an AMD EPYC with
+    AVX-512 BF16 but no AMX, beam search ran 1.76x fp32's users per CPU-second, top-10 overlap 0.986
+    (benchmarks/results/eval_speed-Scientific-bf16-zen4.md)."""
     import torch
 
     dev = torch.device(device)
