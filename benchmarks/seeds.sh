@@ -8,7 +8,7 @@
 # (`ttds bench ablations --only ttss,ttds --seeds ...` does the same one run at a time; this runs two at once.)
 # Usage: benchmarks/seeds.sh DATA_DIR "SEEDS" [--set k=v ...]   (extra settings go to both runs, so the budget stays
 # the same; `dynamic.*` settings act on TTDS only), e.g.
-#   benchmarks/seeds.sh ../shared/data/Scientific "43 44" --set dynamic.refresh_text=false
+#   benchmarks/seeds.sh ../shared/data/Scientific "43 44" --set dynamic.refresh_text=true   (the paper's text refresh)
 # On a dataset whose epoch is longer than 1,023 steps (Games: 2,171) add --set dynamic.reassign_steps=341 (Scientific's
 # cadence), or TTDS never re-assigns its codes (the run warns).
 set -euo pipefail

@@ -70,7 +70,8 @@ ABLATIONS = {
     "ttds_ho": ("ttds", {"tasks.userpred": 0.0, "tasks.review": 0.0}),
     "ttds_3": ("ttds", {"index.options.levels": 3}),
     "ttds_5": ("ttds", {"index.options.levels": 5}),
-    "tt_dlsh": ("ttds", {"index.source": "lsh", "index.user_source": "lsh"}),
+    # an LSH index has no parameters: it is dynamic only through the re-encoded X, so TT-DLSH turns that on
+    "tt_dlsh": ("ttds", {"index.source": "lsh", "index.user_source": "lsh", "dynamic.refresh_text": True}),
     "tt_slsh": ("ttss", {"index.source": "lsh", "index.user_source": "lsh"}),
     "tt_sr": ("ttss", {"index.source": "random", "index.user_source": "random"}),
 }

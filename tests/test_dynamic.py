@@ -328,7 +328,8 @@ def test_joint_run_learns_and_reassigns(bb_dir, ds, tmp_path):
     # reliable test at this budget.
     fast = ["train.max_steps=40", "train.batch_size=32", "train.id_lr=0.03", "train.lr=0.0005", "dynamic.tokenizer_lr=0.001",
             "loss.dm_batch=16", "train.eval_steps=20", "data.max_history=10",
-            "dynamic.reassign_margin=0.5"]  # the default 2.0 may keep every code over 40 tiny steps
+            "dynamic.reassign_margin=0.5",  # the default 2.0 may keep every code over 40 tiny steps
+            "dynamic.refresh_text=true"]  # the paper's re-encoding of X (off by default)
     m = dynamic.train(_cfg(bb_dir, "ttds", fast), ds, tmp_path / "a")
     losses = json.loads((tmp_path / "a" / "state.json").read_text())["losses"]
     assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8]), losses
@@ -359,6 +360,9 @@ def test_static_flag_and_exact_resume(bb_dir, tmp_path):
     dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *extra]), small, tmp_path / "c")
     sb, sc = (json.loads((tmp_path / r / "state.json").read_text()) for r in ("b", "c"))
     assert len(sb["losses"]) == len(sc["losses"]) == 5 and len(sb["reassign"]) == 2
+    # the default keeps X = f(C) as first encoded across re-assignments (dynamic.refresh_text: false)
+    last = {r: load_safetensors(tmp_path / r / "last.safetensors") for r in ("s", "b")}
+    assert torch.equal(last["b"]["model.towers.item.x"], last["s"]["model.towers.item.x"])
     assert sc["losses"][:3] == sb["losses"][:3]
     assert sc["losses"][3:] == pytest.approx(sb["losses"][3:], rel=1e-5)
     np.testing.assert_allclose(sc["dm_losses"], sb["dm_losses"], rtol=1e-4)
@@ -464,10 +468,11 @@ def test_behaviour_states_are_recorded_per_predicted_item_and_fused(bb_dir, ds, 
 def test_behaviour_fusion_runs_and_resumes_exactly(bb_dir, tmp_path):
     small = load_dataset(SMALL)
     extra = ["dynamic.reassign_steps=2", "dynamic.warmup_steps=1", "dynamic.behaviour_weight=1.0"]
-    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *extra]), small, tmp_path / "b")
-    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=3", *extra]), small, tmp_path / "c")
+    on = [*extra, "dynamic.refresh_text=true"]  # the fusion happens when X is re-encoded
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *on]), small, tmp_path / "b")
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=3", *on]), small, tmp_path / "c")
     (tmp_path / "c" / "metrics.json").unlink()
-    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *extra]), small, tmp_path / "c")
+    dynamic.train(_cfg(bb_dir, "ttds", ["train.max_steps=5", *on]), small, tmp_path / "c")
     sb, sc = (json.loads((tmp_path / r / "state.json").read_text()) for r in ("b", "c"))
     assert len(sb["reassign"]) == 2 and sc["losses"] == pytest.approx(sb["losses"], rel=1e-5)
     xb, xc = (load_safetensors(tmp_path / r / "last.safetensors") for r in ("b", "c"))

@@ -26,8 +26,10 @@ How the recommendation loss reaches the tokenizers (the design choice of this im
   * Re-assignment is sticky (`dynamic.reassign_margin`): an entity keeps its code at a level unless
     another code is closer by more than the margin, so IDs change where the tokenizer moved, not
     where two codes were already near-ties.
-  * X moves with the backbone: X = f(C) is re-encoded with the *current* (fine-tuned) backbone at
-    every code re-assignment, so the tokenizers quantise the representation the recommender learns.
+  * X = f(C) comes from the run's own backbone. With `dynamic.refresh_text` it is re-encoded with the
+    *current* (fine-tuned) backbone at every code re-assignment (the paper's wording), so the tokenizers
+    quantise the representation the recommender learns; off by default, because that drift moved about
+    30 % of the IDs per re-assignment and cost what the LM had learned about them (README, "TTDS").
     Codes are argmins, so no gradient crosses the assignment itself; the re-assignment does.
 
 `TowerTokenizer` is one tower (items or users); `TTDSRecommender` is the recommender with the towers

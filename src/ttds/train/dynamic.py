@@ -11,9 +11,9 @@ Steps (see `ttds.models.ttds` for how the losses reach the tokenizers):
   4. joint training: everything trained on L_all = L_LLM + alpha * (L_ID + beta * L_Token) (AdamW;
      backbone `train.lr`, ID head `train.id_lr`, tokenizers `dynamic.tokenizer_lr`, paper 5e-4),
      warm-up + cosine schedule;
-  5. every `dynamic.reassign_every` epochs (or `dynamic.reassign_steps` steps): X re-encoded with the
-     current backbone (`dynamic.refresh_text`), codes of all items and users re-assigned (sticky:
-     `dynamic.reassign_margin`), collisions re-resolved, tries and prompts rebuilt; the share of
+  5. every `dynamic.reassign_every` epochs (or `dynamic.reassign_steps` steps): codes of all items and
+     users re-assigned (sticky: `dynamic.reassign_margin`), X first re-encoded with the current backbone
+     if `dynamic.refresh_text` (off by default: measured worse, README "TTDS"), collisions re-resolved, tries and prompts rebuilt; the share of
      changed IDs (in all and per level) is logged and kept in metrics;
   6. optional late freeze (`dynamic.freeze_last_epochs`, ETEGRec-style): no re-assignment and frozen
      tokenizers in the final epochs;
@@ -59,7 +59,7 @@ class DynamicConfig:
     tokenizer_lr: float = 5e-4  # joint phase (paper: AdamW 5e-4)
     reassign_every: int = 1  # epochs between code re-assignments (0 = never by epochs)
     reassign_steps: int = 0  # optimizer steps between re-assignments (0 = by epochs)
-    refresh_text: bool = True  # re-encode X = f(C) with the current backbone at each re-assignment
+    refresh_text: bool = False  # re-encode X = f(C) with the current backbone at each re-assignment
     reassign_margin: float = 2.0  # sticky re-assignment: a code changes only if another is closer by > this share
     id_rows: bool = True  # ID embedding = P(codebook) + a free row; false: P(codebook) only
     id_init: str = "random"  # random: TTSS-like random rows, P zero | projected: E = P(codebook) at start (free rows zero)
