@@ -13,8 +13,8 @@ Steps (see `ttds.models.ttds` for how the losses reach the tokenizers):
      warm-up + cosine schedule;
   5. every `dynamic.reassign_every` epochs (or `dynamic.reassign_steps` steps): codes of all items and
      users re-assigned (sticky: `dynamic.reassign_margin`), X first re-encoded with the current backbone
-     if `dynamic.refresh_text` (off by default: measured worse, README "TTDS"), collisions re-resolved, tries and prompts rebuilt; the share of
-     changed IDs (in all and per level) is logged and kept in metrics;
+     if `dynamic.refresh_text` (off by default: measured worse, README "TTDS"), collisions re-resolved,
+     tries and prompts rebuilt; the share of changed IDs (in all and per level) is logged and kept in metrics;
   6. optional late freeze (`dynamic.freeze_last_epochs`, ETEGRec-style): no re-assignment and frozen
      tokenizers in the final epochs;
   7. validation NDCG@10 with early stopping; the best weights (with the index they were trained
