@@ -204,3 +204,38 @@ def test_item_and_user_texts():
         held = set(ds.sequences[u][-2:].tolist())
         kept = [t.text for t in ds.user_text[u] if t.item not in held]
         assert users[u] == " ".join(kept)
+
+
+def test_scratch_init_takes_the_architecture_not_the_weights(tmp_path, minilm):
+    """`backbone.init: scratch` (TIGER): the folder's architecture family and tokenizer, changed by `backbone.arch`,
+    with random weights drawn from the run's seed; its text embeddings are refused for an index."""
+    torch.manual_seed(0)
+    a = Backbone.load(BackboneConfig(init="scratch", arch={"hidden_size": 32, "num_hidden_layers": 2,
+                                                            "num_attention_heads": 2, "intermediate_size": 64}))
+    assert a.hidden_size == 32 and len(a.body.encoder.layer) == 2
+    assert a.tokenizer.get_vocab() == minilm.tokenizer.get_vocab()
+    same = Backbone.load(BackboneConfig(init="scratch"))  # scratch without arch: MiniLM's shapes, other weights
+    w, w0 = same.hf_model.get_input_embeddings().weight, minilm.hf_model.get_input_embeddings().weight
+    assert w.shape == w0.shape and not torch.allclose(w, w0)
+    torch.manual_seed(0)
+    b = Backbone.load(BackboneConfig(init="scratch", arch={"hidden_size": 32, "num_hidden_layers": 2,
+                                                            "num_attention_heads": 2, "intermediate_size": 64}))
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), n  # the seed decides the weights
+    a.save_pretrained(tmp_path / "a")  # a trained scratch model reloads as saved (arch from its config.json)
+    back = Backbone.from_pretrained(tmp_path / "a")
+    assert back.hidden_size == 32 and torch.equal(back.hf_model.get_input_embeddings().weight,
+                                                  a.hf_model.get_input_embeddings().weight)
+    with pytest.raises(TTDSError, match="backbone.arch.hiden_size: the bert config .* has no such field"):
+        Backbone.load(BackboneConfig(init="scratch", arch={"hiden_size": 32}))
+    with pytest.raises(TTDSError, match="hidden_size 30 is not a multiple of num_attention_heads 12"):
+        Backbone.load(BackboneConfig(init="scratch", arch={"hidden_size": 30}))
+    with pytest.raises(TTDSError, match="backbone.arch: .* needs backbone.init=scratch"):
+        BackboneConfig(arch={"hidden_size": 32})
+    with pytest.raises(TTDSError, match="backbone.init='random'"):
+        BackboneConfig(init="random")
+    from ttds.data.readers import load_dataset
+    from ttds.index.build import IndexConfig, tower_vectors
+
+    with pytest.raises(TTDSError, match="set index.options.encoder"):
+        tower_vectors(load_dataset("builtin:users=20,items=20"), "item", IndexConfig(), a)

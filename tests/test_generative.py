@@ -309,3 +309,49 @@ def test_exclude_seen_never_recommends_history_and_matches_mask_seen(bb_dir):
     model.exclude_seen = False
     masked = evaluate_ranks(model, ev, k=10, mask_seen=True, progress=False)
     assert (own == masked).all()
+
+
+def test_ids_prompt_has_no_words(bb_dir):
+    """`tasks.prompt: ids` (TIGER): a sequential prompt is BOS + the user's ID tokens (none without a user tower) + the
+    history's ID tokens; training examples match; the text tasks keep their words."""
+    from ttds.errors import TTDSError
+
+    ds = load_dataset("builtin:users=30,items=40,seed=3")
+    bb = Backbone.load(BackboneConfig(name_or_path=str(bb_dir), causal=True))
+    items, users = random_index(ds.n_items, 2, 8, "item", 0), random_index(ds.n_users, 2, 8, "user", 1)
+    for user_index in (users, None):
+        model = GenerativeRecommender(bb, items, user_index, prompt="ids")
+        V, bos = model.n_words, model.codec.bos
+        p = model.codec.seqrec_prompt(3, [1, 2], 0)
+        uid = [] if user_index is None else [t for t in model.codec.user_tokens[3].tolist() if t >= 0]  # -1: a short ID
+        want = bos + uid + model.codec.items([1, 2]).tolist()
+        assert p.tolist() == want and (p[len(bos):] >= V).all()
+        ex = build_epoch(TaskData(ds, [s[:-2] for s in ds.sequences], model.codec, 5),
+                         TaskConfig(seqrec=1.0, index2item=0.5, user_profile="all"), np.random.default_rng(0))
+        seq = [e for e in ex if (e.tokens[e.target] >= V).all()]
+        assert seq and all((e.tokens[len(bos):] >= V).all() for e in seq)  # no word in any sequential example
+        assert any((e.tokens[e.target] < V).all() for e in ex)  # index2item answers are words
+    words = GenerativeRecommender(bb, items, users).codec.seqrec_prompt(3, [1, 2], 0)
+    assert (words[len(bos):] < V).sum() > 5  # the default instruction prompt has words
+    with pytest.raises(TTDSError, match="tasks.prompt='text'"):
+        TaskConfig(prompt="text")
+
+
+def test_tiger_trains_from_scratch_on_ids_and_reloads(bb_dir, tmp_path):
+    """`--model tiger`: a scratch backbone (`backbone.arch`) on ID-only prompts, its index fitted on a pretrained
+    encoder's embeddings (`index.options.encoder`); `ttds eval` reloads the trained weights and ranks the same."""
+    from ttds.recipes import run_config
+    from ttds.train.commands import eval_model, train_model
+
+    sets = [f"backbone.name_or_path={bb_dir}", "backbone.arch.hidden_size=16", "backbone.arch.num_hidden_layers=1",
+            "backbone.arch.num_attention_heads=2", "backbone.arch.intermediate_size=32", f"index.options.encoder={bb_dir}",
+            "index.options.levels=2", "index.options.codebook_size=8", "index.options.rqvae.max_steps=20",
+            "train.batch_size=8", "train.valid_users=20", "train.max_steps=12", "train.eval_steps=6", "eval.beam=10",
+            "threads=1", "eval.precision=fp32"]
+    metrics, out = train_model("tiger", "builtin:users=40,items=30,seed=2", tmp_path / "run", overrides=sets)
+    cfg = run_config(out)
+    assert cfg["backbone"]["init"] == "scratch" and cfg["tasks"]["prompt"] == "ids"
+    assert "test_template_mean" not in metrics  # one template: its mean would be the test row again
+    assert metrics["train_flops_per_token"] > 0 and 0 <= metrics["test"]["NDCG@10"] <= 1
+    r = eval_model(out, "builtin:users=40,items=30,seed=2")
+    assert r["metrics"]["NDCG@10"] == pytest.approx(metrics["test"]["NDCG@10"])

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 POOLINGS = ("mean", "last", "cls")
+INITS = ("pretrained", "scratch")
 
 
 @dataclass
@@ -54,6 +55,9 @@ class BackboneConfig:
     pooling: str = "mean"  # mean | last | cls
     batch_size: int = 64  # encode() batch size
     num_layers: int | None = None  # keep only the first N transformer layers (None: all): a cheaper backbone
+    init: str = "pretrained"  # pretrained (the folder's weights) | scratch (random weights: a recommender trained from
+    #                           zero, as TIGER; the folder gives the architecture and the tokenizer)
+    arch: dict = field(default_factory=dict)  # config.json fields changed before a scratch init, e.g. {hidden_size: 128}
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -68,6 +72,13 @@ class BackboneConfig:
         if self.num_layers is not None and (isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int)
                                             or self.num_layers < 1):
             raise TTDSError(f"config backbone.num_layers={self.num_layers!r}: expected a positive integer or null (all layers)")
+        if self.init not in INITS:
+            raise TTDSError(f"config backbone.init={self.init!r}: expected one of {', '.join(INITS)}")
+        if not isinstance(self.arch, dict):
+            raise TTDSError(f"config backbone.arch: expected a mapping of config.json fields, got {self.arch!r}")
+        if self.arch and self.init != "scratch":
+            raise TTDSError("config backbone.arch: changes the architecture, so the pretrained weights would not fit; "
+                            "it needs backbone.init=scratch")
 
 
 def _is_decoder_only(config) -> bool:
@@ -106,7 +117,14 @@ class Backbone:
             hf_config.is_decoder = True  # e.g. BERT -> BertLMHeadModel with a causal mask
         if cfg.num_layers is not None:
             keep_layers(hf_config, cfg.num_layers, path)
-        model = _from_pretrained(AutoModelForCausalLM if causal else AutoModel, path, hf_config, DTYPES[cfg.dtype], cfg.name_or_path)
+        auto = AutoModelForCausalLM if causal else AutoModel
+        if cfg.init == "scratch":
+            set_arch(hf_config, cfg.arch, path)
+            model = auto.from_config(hf_config, dtype=DTYPES[cfg.dtype])  # torch's global RNG: the run's seed
+            log.info("backbone %s: random weights (backbone.init=scratch)%s", cfg.name_or_path,
+                     f", config changed: {cfg.arch}" if cfg.arch else "")
+        else:
+            model = _from_pretrained(auto, path, hf_config, DTYPES[cfg.dtype], cfg.name_or_path)
         model.to(cfg.device).eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -269,8 +287,9 @@ class Backbone:
 
             bb.model = PeftModel.from_pretrained(bb.model, str(folder), is_trainable=False)
             bb.lora_applied = True
-        else:  # full weights were saved: load the folder itself as the base
-            cfg_local = BackboneConfig(**{**asdict(cfg), "name_or_path": str(folder), "lora": asdict(cfg.lora)})
+        else:  # full weights were saved: load the folder itself as the base (its config.json has the architecture)
+            cfg_local = BackboneConfig(**{**asdict(cfg), "name_or_path": str(folder), "lora": asdict(cfg.lora),
+                                          "init": "pretrained", "arch": {}})
             bb = cls.load(cfg_local)
             bb.cfg = cfg
             bb.added_tokens = list(meta["added_tokens"])
@@ -293,6 +312,19 @@ def keep_layers(hf_config, n: int, path: Path) -> None:
     hf_config.num_hidden_layers = n
     if isinstance(getattr(hf_config, "layer_types", None), list):  # per-layer attention kinds (Qwen, Gemma ...)
         hf_config.layer_types = hf_config.layer_types[:n]
+
+
+def set_arch(hf_config, arch: dict, path: Path) -> None:
+    """`backbone.arch`: config.json fields changed before a scratch init (only fields the config already has, so a
+    typo is an error, not a silently ignored key)."""
+    for key, value in arch.items():
+        if not hasattr(hf_config, key):
+            raise TTDSError(f"config backbone.arch.{key}: the {hf_config.model_type} config of {path} has no such field")
+        setattr(hf_config, key, value)
+    heads = getattr(hf_config, "num_attention_heads", None)
+    if isinstance(heads, int) and heads > 0 and hf_config.hidden_size % heads:
+        raise TTDSError(f"config backbone.arch: hidden_size {hf_config.hidden_size} is not a multiple of "
+                        f"num_attention_heads {heads}")
 
 
 def _from_pretrained(auto, path: Path, hf_config, dtype, label: str):

@@ -26,6 +26,13 @@ SUITES: dict[str, list[Entry]] = {
         Entry("HGN", "hgn"),
         Entry("FMLP-Rec", "fmlp"),
     ],
+    # TTDS paper Table 1's generative rows, each with its default config (LC-Rec needs the dataset's NAME.index.json)
+    "generative": [
+        Entry("TIGER", "tiger"),
+        Entry("LC-Rec", "lcrec"),
+        Entry("TTSS", "ttss"),
+        Entry("TTDS", "ttds"),
+    ],
     # TTDS paper Tables 2-3: the full model and each ablation, one config flag apart (see each YAML's
     # ABLATION line). TTSS, TT-SLSH and TT-SR are static (recipe generative), the rest recipe dynamic.
     "ablations": [

@@ -164,6 +164,10 @@ def check_user_fit(folder: Path, ds: RecDataset, cfg: IndexConfig) -> None:
 
 def tower_vectors(ds: RecDataset, tower: str, cfg: IndexConfig, backbone) -> tuple[torch.Tensor, float, bool]:
     """A tower's X [n, d] with `embed`'s (x, seconds, from_cache)."""
+    if backbone.cfg.init == "scratch":
+        raise TTDSError("config backbone.init=scratch: an untrained backbone cannot embed the texts of the index; set "
+                        "index.options.encoder to a pretrained one (e.g. minilm). The dynamic recipe (TTDS) encodes "
+                        "with its own backbone and needs backbone.init=pretrained")
     inputs = tower_inputs(ds, tower, cfg, backbone.tokenizer)
     if isinstance(inputs, torch.Tensor):
         item_x, seconds, cached = tower_vectors(ds, "item", cfg, backbone)

@@ -41,7 +41,8 @@ from ttds.tasks.builders import PromptCodec
 
 class GenerativeRecommender(nn.Module):
     def __init__(self, backbone, item_index: SemanticIndex, user_index: SemanticIndex | None = None,
-                 id_embedding_provider: Callable[[], torch.Tensor] | None = None, max_text_tokens: int = 32):
+                 id_embedding_provider: Callable[[], torch.Tensor] | None = None, max_text_tokens: int = 32,
+                 prompt: str = "instruction"):
         super().__init__()
         self.backbone = backbone  # ttds.backbone.Backbone (not a module; its model is registered below)
         self.lm = backbone.model
@@ -62,6 +63,7 @@ class GenerativeRecommender(nn.Module):
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.id_embedding_provider = id_embedding_provider
         self.max_text_tokens = max_text_tokens
+        self.prompt = prompt  # tasks.prompt: instruction | ids (the codec's sequential-recommendation templates)
         self.eval_template = 0  # the sequential-recommendation template used by recommend()
         self.beam = 20
         self.beam_batch = 32  # users per beam-search micro-batch
@@ -92,7 +94,7 @@ class GenerativeRecommender(nn.Module):
         self.user_trie = IDTrie(user_index) if user_index is not None else None
         self.codec = PromptCodec(self.backbone.tokenizer, self.id_tokens("item", item_index.codes),
                                  self.id_tokens("user", user_index.codes) if user_index is not None else None,
-                                 self.max_text_tokens)
+                                 self.max_text_tokens, self.prompt)
 
     # ------------------------------------------------------------------ network
 

@@ -203,8 +203,8 @@ class TTDSRecommender(GenerativeRecommender):
 
     def __init__(self, backbone, item_index: SemanticIndex, user_index: SemanticIndex | None,
                  towers: dict[str, TowerTokenizer], max_text_tokens: int = 32, free_rows: bool = True,
-                 id_init: str = "projected"):
-        super().__init__(backbone, item_index, user_index, max_text_tokens=max_text_tokens)
+                 id_init: str = "projected", prompt: str = "instruction"):
+        super().__init__(backbone, item_index, user_index, max_text_tokens=max_text_tokens, prompt=prompt)
         self.towers = nn.ModuleDict(towers)
         self.free_rows = free_rows
         if free_rows:  # saved, so a checkpoint rebuilds the same table (older checkpoints: projection only)

@@ -51,8 +51,11 @@ class TaskConfig:
     # paper's way) | earlier (coded from the items before the example's first target: `seqrec_earlier_examples`) |
     # auto (earlier when the user tower codes item profiles, else all: `ttds.train.loop.resolve_user_profile`)
     user_profile: str = "all"
+    prompt: str = "instruction"  # instruction (LC-Rec / TTDS templates) | ids (TIGER: IDs only, no words)
 
     def __post_init__(self):
+        if self.prompt not in T.PROMPTS:
+            raise TTDSError(f"config tasks.prompt={self.prompt!r}: expected one of {', '.join(T.PROMPTS)}")
         if self.user_profile not in USER_PROFILES:
             raise TTDSError(f"config tasks.user_profile={self.user_profile!r}: expected one of {', '.join(USER_PROFILES)}")
 
@@ -60,8 +63,11 @@ class TaskConfig:
 class PromptCodec:
     """Text pieces and IDs -> unified token ids. Template pieces are tokenized once and cached."""
 
-    def __init__(self, tokenizer, item_tokens: np.ndarray, user_tokens: np.ndarray | None, max_text_tokens: int = 32):
+    def __init__(self, tokenizer, item_tokens: np.ndarray, user_tokens: np.ndarray | None, max_text_tokens: int = 32,
+                 prompt: str = "instruction"):
         self.tok = tokenizer
+        self.words = prompt == "instruction"  # ids: a user is their ID tokens only (or nothing), no words
+        self.seqrec = T.PROMPTS[prompt]  # the sequential-recommendation templates
         self.item_tokens = item_tokens  # [n_items, L] unified ids (-1: no token, the end of a short ID)
         self.user_tokens = user_tokens  # [n_users, Lu] unified ids or None
         self.max_text_tokens = max_text_tokens
@@ -87,10 +93,10 @@ class PromptCodec:
         if isinstance(u, np.ndarray):
             t = u
         elif self.user_tokens is None or u is None or u < 0:
-            return [self.text("the user")]
+            return [self.text("the user")] if self.words else []
         else:
             t = self.user_tokens[u]
-        return [self.text("user"), t if gaps else t[t >= 0]]
+        return [self.text("user"), t if gaps else t[t >= 0]] if self.words else [t if gaps else t[t >= 0]]
 
     def items(self, items, gaps: bool = False) -> np.ndarray:
         """The ID tokens of these items, one after the other (`gaps`: with the -1 of short IDs, see `user`)."""
@@ -120,7 +126,7 @@ class PromptCodec:
 
     def seqrec_prompt(self, user, history, template: int = 0) -> np.ndarray:
         """The evaluation prompt: template + user (see `user`) + history; the next tokens are the answer."""
-        return np.concatenate([self.render(T.SEQREC[template], user=user), self.items(history)])
+        return np.concatenate([self.render(self.seqrec[template], user=user), self.items(history)])
 
 
 def _example(prompt: np.ndarray, answer: np.ndarray) -> Example:
@@ -183,14 +189,14 @@ def seqrec_earlier_examples(d: TaskData, rng: np.random.Generator) -> list[Examp
     plan = []
     for u, s in enumerate(d.train):
         for a, b in window_bounds(len(s), d.max_history + 1):
-            plan.append((u, a, b, int(rng.integers(a, b)), int(rng.integers(len(T.SEQREC)))))
+            plan.append((u, a, b, int(rng.integers(a, b)), int(rng.integers(len(d.codec.seqrec)))))
     need = [i for i, p in enumerate(plan) if p[3] > 0]  # examples with a profile (c = 0: none, no user ID)
     tokens = d.profile_tokens([d.train[plan[i][0]][:plan[i][3]] for i in need], [plan[i][0] for i in need]) if need else []
     ids = dict(zip(need, tokens))
     out = []
     for i, (u, a, b, c, t) in enumerate(plan):
         s = d.train[u]
-        prompt = d.codec.render(T.SEQREC[t], gaps=True, user=ids.get(i))
+        prompt = d.codec.render(d.codec.seqrec[t], gaps=True, user=ids.get(i))
         out.append(_example(np.concatenate([prompt, d.codec.items(s[a:c], True)]), d.codec.items(s[c:b], True)))
     return out
 
@@ -199,7 +205,7 @@ def seqrec_examples(d: TaskData, rng: np.random.Generator) -> list[Example]:
     out = []
     for u, s in enumerate(d.train):
         for w in windows(s, d.max_history + 1):
-            prompt = d.codec.render(T.SEQREC[rng.integers(len(T.SEQREC))], gaps=True, user=u)
+            prompt = d.codec.render(d.codec.seqrec[rng.integers(len(d.codec.seqrec))], gaps=True, user=u)
             out.append(_example(prompt, d.codec.items(w, True)))
     return out
 

@@ -4,6 +4,7 @@ Placeholders: {user} (rendered "user <ua_..>..." or "the user" without a user in
 ID), {title}, {description}. Sequential-recommendation templates END with the history, so that one
 causal forward pass over "template + item_1 ... item_n" predicts every next item (whole-sequence
 training) and an evaluation prompt "template + history" is followed directly by the answer.
+`tasks.prompt` picks the sequential-recommendation set: `instruction` (SEQREC, the default) or `ids` (SEQREC_IDS).
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ SEQREC = [
     "Based on the sequence of past purchases of {user}, generate the ID of the next item: ",
     "Sequential recommendation for {user}. Previously purchased items: ",
 ]
+# `tasks.prompt: ids` (TIGER's input: no words, only the user's ID, if any, and the items' IDs)
+SEQREC_IDS = ["{user}"]
+PROMPTS = {"instruction": SEQREC, "ids": SEQREC_IDS}
 ITEM2INDEX = [  # text -> item ID (LC-Rec index2item direction: the answer is the ID)
     'Which item has the title "{title}"? Answer with its ID: ',
     'An item is described as: "{description}". What is its ID? ',

@@ -127,7 +127,8 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
 def _finish_model(cfg: dict, backbone, towers: dict[str, TowerTokenizer], indices: dict,
                   free_rows: bool, id_init: str = "projected") -> TTDSRecommender:
     tc = section(cfg, "tasks", TaskConfig)
-    model = TTDSRecommender(backbone, indices["item"], indices.get("user"), towers, tc.max_text_tokens, free_rows, id_init)
+    model = TTDSRecommender(backbone, indices["item"], indices.get("user"), towers, tc.max_text_tokens, free_rows, id_init,
+                            tc.prompt)
     return configure_inference(model, section(cfg, "eval", GenEvalConfig))
 
 

@@ -29,7 +29,6 @@ from ttds.index.base import SemanticIndex
 from ttds.io import load_safetensors, read_json
 from ttds.models.generative import GenerativeRecommender
 from ttds.runtime import resolve_precision
-from ttds.tasks import templates
 from ttds.tasks.builders import TaskConfig
 from ttds.train.loop import GenEvalConfig, GenTrainConfig, LMTrainer, load_weights, resolve_seen_items, resolve_user_profile, start
 
@@ -90,14 +89,16 @@ def _backbone(cfg: dict, device):
 def build_model(cfg: dict, backbone, items: SemanticIndex, users: SemanticIndex | None) -> GenerativeRecommender:
     tc = section(cfg, "tasks", TaskConfig)
     ec = section(cfg, "eval", GenEvalConfig)
-    return configure_inference(GenerativeRecommender(backbone, items, users, max_text_tokens=tc.max_text_tokens), ec)
+    return configure_inference(GenerativeRecommender(backbone, items, users, max_text_tokens=tc.max_text_tokens,
+                                                     prompt=tc.prompt), ec)
 
 
 def configure_inference(model: GenerativeRecommender, ec: GenEvalConfig) -> GenerativeRecommender:
     """The `eval` settings a generative model recommends with: beam, beam batch, template, seen-item rule and
     precision (`auto` is resolved here, on the machine that loads the model)."""
-    if not 0 <= ec.template < len(templates.SEQREC):
-        raise TTDSError(f"config eval.template={ec.template}: expected 0..{len(templates.SEQREC) - 1}")
+    if not 0 <= ec.template < len(model.codec.seqrec):
+        raise TTDSError(f"config eval.template={ec.template}: expected 0..{len(model.codec.seqrec) - 1} "
+                        f"(tasks.prompt={model.prompt})")
     if ec.seen_items not in ("keep", "exclude"):
         raise TTDSError(f"config eval.seen_items={ec.seen_items!r}: expected keep or exclude (auto is resolved when training starts)")
     model.beam, model.beam_batch, model.eval_template = ec.beam, ec.beam_batch, ec.template

@@ -53,7 +53,6 @@ from ttds.errors import TTDSError
 from ttds.eval.evaluator import evaluate
 from ttds.io import load_safetensors, read_json, save_safetensors, write_json
 from ttds.runtime import has_fast_bf16, machine_info, peak_rss_mb, resolve_precision, start_run
-from ttds.tasks import templates
 from ttds.tasks.builders import USER_PROFILES, TaskConfig, TaskData, build_epoch
 from ttds.train.classic import _load_optim, _optim_tensors
 from ttds.train.engine import bucket_batches, collate, dense_peak_flops, train_flops_per_token, warmup_cosine
@@ -229,7 +228,7 @@ def template_mean(model, ev: EvalSet, ec: GenEvalConfig, ks, device, seed: int) 
     sample = sample_users(ev, ec.template_mean_users, seed + 7)
     per = []
     keep = model.eval_template
-    for t in range(len(templates.SEQREC)):
+    for t in range(len(model.codec.seqrec)):
         model.eval_template = t
         per.append(evaluate(model, sample, ec.batch_size, ks, ec.mask_seen, device, progress=False, desc=f"template {t}"))
     model.eval_template = keep
@@ -565,7 +564,7 @@ class LMTrainer:
             "machine": machine_info(),
             "protocol": "leave-one-out, full ranking over all items (trie-constrained beam search), seen items not masked",
         }
-        if ec.template_mean_users >= 0:
+        if ec.template_mean_users >= 0 and len(best.codec.seqrec) > 1:  # one template (tasks.prompt: ids): the test row
             metrics["test_template_mean"] = template_mean(best, self.split.test, ec, ks, device, self.seed)
         s["done"] = True
         if dist.is_main():
