@@ -313,3 +313,4 @@ def test_demo_budgets_are_steps_not_minutes():
         assert not any(o.startswith(("train.max_minutes", "index.options.rqvae.max_minutes")) for o in e.overrides), e
     gen = [e for e in SUITES["demo"] if e.model in ("ttss", "ttds")]
     assert gen and all("train.epochs=3" in e.overrides for e in gen)
+    assert [e.label for e in SUITES["demo"]] == ["SASRec", "TIGER", "TTSS", "TTDS"]
