@@ -558,3 +558,16 @@ def test_id_table_parts_benchmark_reads_a_checkpoint(bb_dir, ds, tmp_path):
                 assert got[f"item: P(c) RMS, level {lv}"] == pytest.approx(want, rel=1e-4, abs=1e-8)
             assert got["free rows R, all ID tokens"] == pytest.approx(float(model.id_emb.pow(2).mean().sqrt()), rel=1e-4)
         assert (got["item: P(c) RMS, level 0"] == 0) == (init == "random")
+
+
+def test_ids_prompt_survives_reassignment(bb_dir, ds, tmp_path):
+    """`tasks.prompt: ids` reaches the TTDS model, and a re-assignment (which rebuilds the prompt codec) keeps it."""
+    from ttds.tasks import templates
+
+    model, _ = _model(bb_dir, ds, tmp_path, extra=("tasks.prompt=ids",))
+    assert model.codec.seqrec == templates.SEQREC_IDS
+    for t in model.towers.values():
+        t.set_text(t.x + 0.5 * t.x.std() * torch.randn(t.x.shape, generator=torch.Generator().manual_seed(1)))
+    assert model.reassign()["item"] > 0
+    p = model.codec.seqrec_prompt(0, [1, 2], 0)
+    assert model.codec.seqrec == templates.SEQREC_IDS and (p[len(model.codec.bos):] >= model.n_words).all()
