@@ -53,9 +53,16 @@ def test_model_base_layer(tmp_path, monkeypatch):
     (cfgdir / "models" / "loop1.yaml").write_text("base: loop2\n")
     (cfgdir / "models" / "loop2.yaml").write_text("base: loop1\n")
     (cfgdir / "models" / "orphan.yaml").write_text("base: nothing\n")
+    (cfgdir / "models" / "other.yaml").write_text("b: 2\ntrain: {lr: 0.4, wd: 0.01}\n")
+    (cfgdir / "models" / "both.yaml").write_text("base: [full, other]\ntrain: {epochs: 7}\n")
+    (cfgdir / "models" / "badbase.yaml").write_text("base: {full: 1}\n")
     monkeypatch.setattr("ttds.config.CONFIG_DIR", cfgdir)
     cfg = load_config("abl", overrides=["train.lr=0.3"])
     assert cfg == {"a": 1, "train": {"lr": 0.3, "epochs": 5}}  # the base key itself is not part of the result
+    # several bases: merged in order (later wins), the file's own keys over all
+    assert load_config("both") == {"a": 1, "b": 2, "train": {"lr": 0.4, "epochs": 7, "wd": 0.01}}
+    with pytest.raises(TTDSError, match="badbase.yaml: base: expected a model name or a list"):
+        load_config("badbase")
     with pytest.raises(TTDSError, match="cycle loop1 -> loop2 -> loop1"):
         load_config("loop1")
     with pytest.raises(TTDSError, match="model 'nothing': no config"):
@@ -104,3 +111,14 @@ def test_defaults_exist_and_resolved_config_written(tmp_path):
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["seed"] == 7 and written == cfg
     assert (tmp_path / "run" / "run.log").exists()
+
+
+def test_tiger_ttds_is_ttds_on_tigers_model():
+    """`base: [ttds, tiger]`: TTDS's dynamic parts and tasks, TIGER's backbone, prompt and optimiser."""
+    a, t, d = (flatten(load_config(model=m)) for m in ("tiger_ttds", "tiger", "ttds"))
+    assert a["recipe"] == "dynamic" and a["index.user"] is True
+    assert {k: v for k, v in a.items() if k.split(".")[0] in ("dynamic", "loss")} == \
+        {k: v for k, v in d.items() if k.split(".")[0] in ("dynamic", "loss")}
+    for k in ("backbone.init", "tasks.prompt", "index.options.encoder", "train.lr", "train.batch_size", "train.epochs"):
+        assert a[k] == t[k], k
+    assert a["tasks.userpred"] == d["tasks.userpred"] > 0 and a["tasks.item2index"] == a["tasks.index2item"] == 0

@@ -571,3 +571,38 @@ def test_ids_prompt_survives_reassignment(bb_dir, ds, tmp_path):
     assert model.reassign()["item"] > 0
     p = model.codec.seqrec_prompt(0, [1, 2], 0)
     assert model.codec.seqrec == templates.SEQREC_IDS and (p[len(model.codec.bos):] >= model.n_words).all()
+
+
+def test_tiger_ttds_trains_a_scratch_recommender_on_a_fixed_encoders_x(bb_dir, tmp_path):
+    """`--model tiger_ttds`: the towers read X from `index.options.encoder` (48 dims) while the recommender is a
+    16-wide scratch model; the tokenizers still train jointly, `ttds eval` reloads the run, new items are coded
+    with that encoder, and re-encoding X with the recommender is refused."""
+    from ttds.recipes import run_config
+    from ttds.serve.new_items import attach
+    from ttds.train.commands import eval_model, train_model
+
+    sets = [f"backbone.name_or_path={bb_dir}", "backbone.arch.hidden_size=16", "backbone.arch.num_hidden_layers=1",
+            "backbone.arch.num_attention_heads=2", "backbone.arch.intermediate_size=32", f"index.options.encoder={bb_dir}",
+            "index.options.levels=2", "index.options.codebook_size=8", "index.options.rqvae.max_steps=20",
+            "index.options.cache_embeddings=false", "train.batch_size=8", "train.valid_users=20", "train.max_steps=10",
+            "train.eval_steps=5", "train.warmup_steps=2", "dynamic.warmup_steps=2", "dynamic.reassign_steps=4",
+            "loss.dm_batch=8", "eval.beam=10", "threads=1", "eval.precision=fp32"]
+    metrics, out = train_model("tiger_ttds", SMALL, tmp_path / "run", overrides=sets)
+    cfg = run_config(out)
+    assert cfg["recipe"] == "dynamic" and cfg["backbone"]["init"] == "scratch" and cfg["tasks"]["prompt"] == "ids"
+    assert len(metrics["reassignments"]) >= 1 and 0 <= metrics["test"]["NDCG@10"] <= 1
+    w = load_safetensors(out / "model.safetensors")
+    assert w["towers.item.x"].shape[1] == 48 and w["towers.user.x"].shape[1] == 48  # the encoder's width
+    assert w["towers.item.text_head.weight"].shape == (48, 16)  # L_ID maps the 16-wide recommender to it
+    start = load_safetensors(out / "tokenizer.item" / "tokenizer.safetensors")["codebooks.0"]
+    assert not torch.allclose(w["towers.item.tokenizer.codebooks.0"], start)  # joint: the tokenizer moved
+    r = eval_model(out, SMALL)
+    assert r["metrics"]["NDCG@10"] == pytest.approx(metrics["test"]["NDCG@10"])
+    model, small = dynamic.load(out), load_dataset(SMALL)
+    attach(model, cfg, out, small)
+    coder = model.item_coder
+    assert coder.encoder is not model.backbone and coder.encoder.hidden_size == 48
+    x = torch.cat([coder.item_vector({f: small.item_text[f][i] for f in small.item_text}) for i in range(5)])
+    assert torch.allclose(x, model.towers["item"].x[:5], atol=1e-4)  # the vectors the tower was trained on
+    with pytest.raises(TTDSError, match="refresh_text=true .* index.options.encoder empty"):
+        train_model("tiger_ttds", SMALL, tmp_path / "bad", overrides=[*sets, "dynamic.refresh_text=true"])

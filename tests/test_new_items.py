@@ -175,9 +175,19 @@ def test_ttds_model_adds_items_with_its_own_tower(bb_dir, tmp_path, one_thread):
     model = dynamic.build_model(cfg, ds, _backbone(cfg, "cpu"), tmp_path).eval()
     attach(model, cfg, tmp_path, ds)
     tower, coder = model.towers["item"], model.item_coder
-    assert coder.encoder is model.backbone and coder.tokenizer is tower.tokenizer
+    # X = f(C) was encoded once, before training (dynamic.refresh_text: false): new items are coded with the
+    # pretrained backbone, not the fine-tuned one (stood in for by perturbing the served backbone's weights)
+    assert coder.encoder is not model.backbone and coder.tokenizer is tower.tokenizer
+    with torch.no_grad():
+        for p in model.backbone.hf_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     x = torch.cat([coder.item_vector({f: ds.item_text[f][i] for f in ds.item_text}) for i in range(10)])
-    assert torch.allclose(x, tower.x[:10], atol=1e-4)  # X = f(C) of the served backbone, as the tower's
+    assert torch.allclose(x, tower.x[:10], atol=1e-4)  # the vectors the tower was trained on
+    cfg_refresh = load_config(model="ttds", overrides=[f"backbone.name_or_path={bb_dir}", *SETS, "dynamic.refresh_text=true"])
+    attach(model, cfg_refresh, tmp_path, ds)  # X followed the fine-tuned backbone: the served backbone codes new items
+    assert model.item_coder.encoder is model.backbone
+    attach(model, cfg, tmp_path, ds)
+    coder = model.item_coder
     n = model.n_items
     item = model.add_item({"title": "A new pipette", "description": "10 ul"})
     assert item == n and len(tower.x) == n + 1 and model.item_codes.shape[0] == n + 1

@@ -1,5 +1,6 @@
 """Layered YAML configuration: defaults < model < dataset < user file < CLI overrides.
-A model's YAML may start from another's (`base: ttds`): the ablations state only their change.
+A model's YAML may start from another's (`base: ttds`): the ablations state only their change; a list
+(`base: [ttds, tiger]`) merges several, later ones winning.
 
 A config is a plain nested dict. Components turn their section into a dataclass with
 `section(cfg, "train", TrainConfig)`, which rejects unknown keys (catches typos).
@@ -95,7 +96,8 @@ def available(kind: str) -> list[str]:
 
 
 def model_layer(model: str, seen: tuple[str, ...] = ()) -> dict:
-    """A model's YAML; `base: OTHER` starts from OTHER's layer, so an ablation states only what it changes."""
+    """A model's YAML; `base: OTHER` (or `[A, B]`, B over A) starts from those layers, so an ablation states only
+    what it changes."""
     path = CONFIG_DIR / "models" / f"{model}.yaml"
     if not path.is_file():
         raise TTDSError(f"model {model!r}: no config {path.name}; known models: {', '.join(available('models'))}")
@@ -105,9 +107,13 @@ def model_layer(model: str, seen: tuple[str, ...] = ()) -> dict:
     base = layer.pop("base", None)
     if base is None:
         return layer
-    if not isinstance(base, str):
-        raise TTDSError(f"{path}: base: expected a model name, got {base!r}")
-    return merge(model_layer(base, seen + (model,)), layer)
+    bases = [base] if isinstance(base, str) else base
+    if not (isinstance(bases, list) and bases and all(isinstance(b, str) for b in bases)):
+        raise TTDSError(f"{path}: base: expected a model name or a list of them, got {base!r}")
+    out: dict = {}
+    for b in bases:  # later bases win, this file's own keys win over all
+        out = merge(out, model_layer(b, seen + (model,)))
+    return merge(out, layer)
 
 
 def known_sections() -> set[str]:

@@ -32,6 +32,8 @@ SUITES: dict[str, list[Entry]] = {
         Entry("LC-Rec", "lcrec"),
         Entry("TTSS", "ttss"),
         Entry("TTDS", "ttds"),
+        # not in the paper: TTDS's dynamic towers, DM-VAE and high-order tasks on TIGER's scratch model
+        Entry("TIGER-TTDS", "tiger_ttds"),
     ],
     # TTDS paper Tables 2-3: the full model and each ablation, one config flag apart (see each YAML's
     # ABLATION line). TTSS, TT-SLSH and TT-SR are static (recipe generative), the rest recipe dynamic.

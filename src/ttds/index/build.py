@@ -166,8 +166,8 @@ def tower_vectors(ds: RecDataset, tower: str, cfg: IndexConfig, backbone) -> tup
     """A tower's X [n, d] with `embed`'s (x, seconds, from_cache)."""
     if backbone.cfg.init == "scratch":
         raise TTDSError("config backbone.init=scratch: an untrained backbone cannot embed the texts of the index; set "
-                        "index.options.encoder to a pretrained one (e.g. minilm). The dynamic recipe (TTDS) encodes "
-                        "with its own backbone and needs backbone.init=pretrained")
+                        "index.options.encoder to a pretrained one (e.g. minilm), as configs/models/tiger.yaml and "
+                        "tiger_ttds.yaml do")
     inputs = tower_inputs(ds, tower, cfg, backbone.tokenizer)
     if isinstance(inputs, torch.Tensor):
         item_x, seconds, cached = tower_vectors(ds, "item", cfg, backbone)

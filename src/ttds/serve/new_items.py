@@ -17,8 +17,9 @@ Rule per index kind (what the run folder keeps, see `ttds.index.build.save_build
 Text vector: the index builder's item template (`index.options.item_template`, `max_text_tokens`),
 mean-pooled by the encoder that built the index. For a static index that is the run's *pretrained*
 backbone (or `index.options.encoder`), loaded once more, because the served backbone has been
-fine-tuned and no longer gives the vectors the quantiser was fitted on; for TTDS it is the served
-backbone itself (X = f(C) follows the fine-tuned backbone). The nearest-neighbour rule encodes the
+fine-tuned and no longer gives the vectors the quantiser was fitted on; for TTDS the same (X = f(C) was
+encoded once, before training), unless `dynamic.refresh_text` made X follow the fine-tuned backbone: then the
+served backbone itself. The nearest-neighbour rule encodes the
 whole catalogue once when the engine loads (cached on disk by `ttds.index.build.embed`).
 Users: an anonymous user's text gets a user ID from a quantiser (rqvae / lsh user towers); otherwise
 (no text, random user index) the prompt carries no user ID.
@@ -121,12 +122,17 @@ def static_coders(cfg: dict, run_dir: Path, ds, index, device: str = "cpu") -> t
     return item, user
 
 
-def ttds_coders(cfg: dict, model) -> tuple[TextCoder, TextCoder | None]:
-    """(item coder, user coder or None) of a TTDS model: its own backbone and towers."""
+def ttds_coders(cfg: dict, model, device: str = "cpu") -> tuple[TextCoder, TextCoder | None]:
+    """(item coder, user coder or None) of a TTDS model: its own towers, fed by the encoder its X came from: the
+    served backbone with `dynamic.refresh_text` (X followed the fine-tuning), else the pretrained one (X was
+    encoded once, before training) or `index.options.encoder`."""
+    from ttds.config import section
     from ttds.index.build import index_config
+    from ttds.train.dynamic import DynamicConfig
 
     icfg = index_config(cfg)
-    coders = {t: TextCoder("quantiser", model.backbone, icfg.item_template, icfg.max_text_tokens, model.towers[t].tokenizer)
+    encoder = model.backbone if section(cfg, "dynamic", DynamicConfig).refresh_text else _pretrained_encoder(cfg, icfg, device)
+    coders = {t: TextCoder("quantiser", encoder, icfg.item_template, icfg.max_text_tokens, model.towers[t].tokenizer)
               for t in ("item", "user") if t in model.towers}
     return coders["item"], coders.get("user")
 
@@ -136,7 +142,7 @@ def attach(model, cfg: dict, run_dir: str | Path, ds, device: str = "cpu") -> No
     from ttds.models.ttds import TTDSRecommender
 
     if isinstance(model, TTDSRecommender):
-        model.item_coder, model.user_coder = ttds_coders(cfg, model)
+        model.item_coder, model.user_coder = ttds_coders(cfg, model, device)
     else:
         model.item_coder, model.user_coder = static_coders(cfg, Path(run_dir), ds, model.item_index, device)
     log.info("new items: %s rule; anonymous users: %s", model.item_coder.rule,

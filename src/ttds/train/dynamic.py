@@ -3,7 +3,8 @@
     ttds train --model ttds --data builtin          # ablations: stds, ttds_dm, stds_dm, ttds_ho, ttds_3, ...
 
 Steps (see `ttds.models.ttds` for how the losses reach the tokenizers):
-  1. leave-one-out split, backbone (causal), item (and user) texts -> X = f(C) with that backbone;
+  1. leave-one-out split, backbone (causal), item (and user) texts -> X = f(C) with that backbone (or with a
+     fixed `index.options.encoder`, e.g. for a backbone trained from scratch: `--model tiger_ttds`);
   2. each tower's tokenizer is first fitted as a static RQ-VAE (or LSH) by the index builder
      (`index.options`), then moved INTO the model (`TowerTokenizer`), ID embeddings = P(codebooks);
   3. warm-up (`dynamic.warmup_steps`): backbone frozen, tokenizers + ID head trained on L_all
@@ -90,9 +91,11 @@ class LossConfig:
 # ---------------------------------------------------------------- model assembly
 
 
-def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path, dyn: DynamicConfig) -> TowerTokenizer:
+def _tower(cfg: dict, ds: RecDataset, backbone, encoder, tower: str, kind: str, out: Path,
+           dyn: DynamicConfig) -> TowerTokenizer:
     """A tower's tokenizer: the static fit saved in out/tokenizer.<tower>/ (fitted now if absent) and
-    X = f(C) from the run's backbone (the builder's embedding cache makes the second encode free)."""
+    X = f(C) from `encoder` (the run's backbone, or `index.options.encoder`; the builder's embedding cache makes
+    the second encode free)."""
     from dataclasses import replace
 
     from ttds.index.build import build, check_user_fit, index_config, load_index, save_build, tower_vectors
@@ -101,19 +104,16 @@ def _tower(cfg: dict, ds: RecDataset, backbone, tower: str, kind: str, out: Path
         raise TTDSError(f"config index.source/user_source={kind!r}: the dynamic recipe needs rqvae or lsh "
                         "(random/given indices are static: use the generative recipe, e.g. --model ttss)")
     icfg = replace(index_config(cfg), kind=kind)
-    if icfg.encoder:
-        raise TTDSError("config index.options.encoder: must be empty for the dynamic recipe (X = f(C) comes from the "
-                        "backbone being fine-tuned)")
     folder = out / f"tokenizer.{tower}"
     if (folder / "index.json").is_file():
         if tower == "user":
             check_user_fit(folder, ds, icfg)
         _, tok = load_index(folder)
     else:
-        b = build(ds, tower, backbone, icfg)
+        b = build(ds, tower, encoder, icfg)
         save_build(b, folder)
         tok = b.tokenizer
-    x, _, _ = tower_vectors(ds, tower, icfg, backbone)
+    x, _, _ = tower_vectors(ds, tower, icfg, encoder)
     word_std = float(backbone.hf_model.get_input_embeddings().weight.detach().std())
     t = TowerTokenizer(tower, tok, x, backbone.hidden_size, icfg.collisions, dyn.disambig_capacity, word_std,
                        behaviour=tower == "item" and dyn.behaviour_weight > 0, only_colliding=icfg.disambiguate == "colliding",
@@ -134,11 +134,14 @@ def _finish_model(cfg: dict, backbone, towers: dict[str, TowerTokenizer], indice
 
 def build_model(cfg: dict, ds: RecDataset, backbone, out: Path) -> TTDSRecommender:
     """A fresh TTDS model: towers fitted (or loaded from out/tokenizer.<tower>/), initial codes assigned."""
+    from ttds.index.build import encoder_for, index_config
+
     ic = section(cfg, "index", RecIndexConfig)
     dyn = section(cfg, "dynamic", DynamicConfig)
-    towers = {"item": _tower(cfg, ds, backbone, "item", ic.source, out, dyn)}
+    encoder = encoder_for(backbone, index_config(cfg))
+    towers = {"item": _tower(cfg, ds, backbone, encoder, "item", ic.source, out, dyn)}
     if ic.user:
-        towers["user"] = _tower(cfg, ds, backbone, "user", ic.user_source, out, dyn)
+        towers["user"] = _tower(cfg, ds, backbone, encoder, "user", ic.user_source, out, dyn)
     return _finish_model(cfg, backbone, towers, {name: t.assign() for name, t in towers.items()}, dyn.id_rows,
                          dyn.id_init)
 
@@ -421,6 +424,9 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
         return read_json(out / "metrics.json")
     dyn = section(cfg, "dynamic", DynamicConfig)
     lc = section(cfg, "loss", LossConfig)
+    if dyn.refresh_text and index_config(cfg).encoder:
+        raise TTDSError("config dynamic.refresh_text=true re-encodes X = f(C) with the backbone being trained: it needs "
+                        "index.options.encoder empty (set, X comes from that fixed encoder and is never re-encoded)")
     backbone = _backbone(cfg, device)
     if (out / "last.safetensors").is_file():  # resuming: shapes and codes from the checkpoint (loaded by the loop)
         saved = {k[6:]: v for k, v in load_safetensors(out / "last.safetensors").items() if k.startswith("model.")}
