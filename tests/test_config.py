@@ -119,6 +119,8 @@ def test_tiger_ttds_is_ttds_on_tigers_model():
     assert a["recipe"] == "dynamic" and a["index.user"] is True
     assert {k: v for k, v in a.items() if k.split(".")[0] in ("dynamic", "loss")} == \
         {k: v for k, v in d.items() if k.split(".")[0] in ("dynamic", "loss")}
-    for k in ("backbone.init", "tasks.prompt", "index.options.encoder", "train.lr", "train.batch_size", "train.epochs"):
+    for k in ("backbone.init", "tasks.prompt", "index.options.encoder", "index.options.levels", "train.lr", "train.batch_size",
+              "train.epochs"):
         assert a[k] == t[k], k
+    assert t["index.options.levels"] == 3 != d["index.options.levels"]  # TIGER's 3 x 256 codes, TTDS's 4
     assert a["tasks.userpred"] == d["tasks.userpred"] > 0 and a["tasks.item2index"] == a["tasks.index2item"] == 0
