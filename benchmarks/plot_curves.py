@@ -1,9 +1,11 @@
 """Validation NDCG@10 against training time, one line per run folder (PNG), plus a table.
 
-    .venv/bin/python benchmarks/plot_curves.py OUT.png [LABEL=]RUN_DIR [...] [--title TEXT] [--x steps]
+    .venv/bin/python benchmarks/plot_curves.py OUT.png [LABEL=]RUN_DIR|RESULTS.json[#ROW] [...] [--title TEXT] [--x steps]
 
 Reads each run's state.json (written at every validation, so a run still in progress plots too) and
-labels a line with LABEL, else the run's model name (config.yaml `name`) or the folder name; runs
+labels a line with LABEL, else the run's model name (config.yaml `name`) or the folder name. A committed results
+file (`benchmarks/results/*.json`, written by collect_runs.py or `ttds bench`) stands in for a run folder that is
+gone: its row labelled ROW (default: the first) gives the curve from its `valid_history`. Runs
 with the same LABEL prefix before '@' (e.g. TTDS@42, TTDS@43) share a colour. `--x steps` plots
 against optimizer steps (comparable when runs shared a loaded CPU unevenly). Works for every
 recipe that records `history` entries {step, epoch, train_seconds, valid{...}} (generative, dynamic,
@@ -17,16 +19,35 @@ from pathlib import Path
 from ttds.io import read_json
 
 
-def curve(run: Path, x: str = "time") -> tuple[str, list[float], list[float]]:
-    state = read_json(run / "state.json")
+def history(spec: str) -> tuple[str, list[dict]] | None:
+    """(default label, validation history) of a run folder or of a results-file row (`FILE.json#ROW`); None when
+    the folder has no state.json yet."""
+    path, _, row = spec.partition("#") if ".json" in spec else (spec, "", "")
+    run = Path(path)
+    if run.suffix == ".json":
+        rows = read_json(run).get("rows", [])
+        found = next((r for r in rows if not row or r.get("label") == row), None)
+        if found is None:
+            raise SystemExit(f"{run}: no row labelled {row!r} (rows: {', '.join(str(r.get('label')) for r in rows)})")
+        return found.get("label") or run.stem, found.get("valid_history", [])
+    if not (run / "state.json").is_file():
+        return None
     label = run.name
     cfg = run / "config.yaml"
     if cfg.is_file():
         import yaml
 
         label = (yaml.safe_load(cfg.read_text()) or {}).get("name") or label
+    return label, read_json(run / "state.json").get("history", [])
+
+
+def curve(spec: str, x: str = "time") -> tuple[str, list[float], list[float]] | None:
+    found = history(spec)
+    if found is None:
+        return None
+    label, hist = found
     t, ts, ys = 0.0, [], []
-    for h in state.get("history", []):
+    for h in hist:
         t = h["train_seconds"] if "train_seconds" in h else t + h.get("seconds", 0.0)  # classic: per-epoch seconds
         if "NDCG@10" in h.get("valid", {}):
             ts.append(h["step"] if x == "steps" else t / 60)
@@ -37,7 +58,7 @@ def curve(run: Path, x: str = "time") -> tuple[str, list[float], list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("runs", nargs="+", help="[LABEL=]RUN_DIR")
+    ap.add_argument("runs", nargs="+", help="[LABEL=]RUN_DIR or [LABEL=]RESULTS.json[#ROW]")
     ap.add_argument("--title", default="validation NDCG@10 vs training time")
     ap.add_argument("--x", choices=["time", "steps"], default="time")
     a = ap.parse_args()
@@ -53,11 +74,11 @@ def main() -> None:
     colours: dict[str, str] = {}
     for spec in a.runs:
         given, _, path = spec.rpartition("=")
-        run = Path(path)
-        if not (run / "state.json").is_file():
-            print(f"| {run} | no state.json yet | - | - | - |")
+        found = curve(path, a.x)
+        if found is None:
+            print(f"| {path} | no state.json yet | - | - | - |")
             continue
-        label, t, y = curve(run, a.x)
+        label, t, y = found
         label = given or label
         if not y:
             print(f"| {label} | 0 | - | - | - |")
