@@ -167,6 +167,30 @@ def test_resume_gives_same_next_step_loss(bb_dir, tmp_path, caplog):
     assert losses_b[2] == pytest.approx(losses_a[2], rel=1e-5)
 
 
+def test_a_finished_run_continues_only_when_a_limit_is_raised(bb_dir, tmp_path):
+    """Early stopping, then the same command with a larger `train.patience` continues the run from its last
+    checkpoint (as a larger max_steps / max_minutes / epochs does); the same command without one only re-reads
+    metrics.json. lr 0 keeps the validation score flat, so every validation after the first counts as bad."""
+    import json
+
+    from ttds.train import generative
+
+    ds = load_dataset("builtin:users=40,items=30,seed=2")
+    over = ["train.lr=0", "train.id_lr=0", "train.eval_steps=1", "train.max_steps=20", "eval.final_valid=false"]
+    out = tmp_path / "a"
+
+    def state():
+        return json.loads((out / "state.json").read_text())
+
+    assert generative.train(_cfg(bb_dir, [*over, "train.patience=1"]), ds, out)["steps"] == 2
+    assert state()["stopped"] == "patience" and [h["step"] for h in state()["history"]] == [1, 2]
+    assert generative.train(_cfg(bb_dir, [*over, "train.patience=1"]), ds, out)["steps"] == 2  # nothing to continue
+    assert generative.train(_cfg(bb_dir, [*over, "train.patience=3"]), ds, out)["steps"] == 4
+    assert state()["stopped"] == "patience" and [h["step"] for h in state()["history"]] == [1, 2, 3, 4]
+    assert generative.train(_cfg(bb_dir, [*over, "train.patience=9", "train.max_steps=5"]), ds, out)["steps"] == 5
+    assert state()["stopped"] == "max_steps"
+
+
 def test_lr_schedule_ends_at_max_steps(bb_dir, tmp_path, caplog):
     """`train.max_steps` before the last of `train.epochs` ends the cosine there (as HF Trainer's max_steps), and
     training that stops between validations still validates its final weights."""

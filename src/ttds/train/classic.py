@@ -42,6 +42,7 @@ from ttds.eval.evaluator import evaluate
 from ttds.io import load_safetensors, read_json, save_safetensors, write_json
 from ttds.models.base import SeqModel
 from ttds.runtime import machine_info, peak_rss_mb, start_run
+from ttds.train.engine import can_continue
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +193,6 @@ def load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimize
 # ---------------------------------------------------------------- recipe
 
 
-def _can_continue(state: dict, epochs: int, budget: float) -> bool:
-    """A finished run continues when it stopped on epochs/budget and the config now allows more."""
-    return state.get("stopped") in ("epochs", "budget") and state["epoch"] < epochs and state["train_seconds"] < budget
-
-
 def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     out = Path(out_dir)
     device = dist.setup(cfg, start_run(cfg, out))  # under torchrun: join the group, this rank's device
@@ -206,7 +202,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     budget = tc.max_minutes * 60 if tc.max_minutes else math.inf
     if (out / "metrics.json").is_file() and (out / "state.json").is_file():
         st = read_json(out / "state.json")
-        if st.get("done") and not _can_continue(st, tc.epochs, budget):
+        if st.get("done") and not can_continue(st, tc):
             log.info("%s: already trained (metrics.json); delete the folder to retrain", out)
             return read_json(out / "metrics.json")
 
@@ -223,7 +219,7 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
              "valid_seconds": 0.0, "epoch_seconds": [], "history": [], "done": False, "stopped": ""}
     if (out / "last.safetensors").is_file():
         state = load_checkpoint(out, model, opt)
-        if state["done"] and _can_continue(state, tc.epochs, budget):  # more epochs or minutes were granted
+        if state["done"] and can_continue(state, tc):  # more epochs, minutes or patience were granted
             state["done"], state["stopped"] = False, ""
         log.info("resuming %s from epoch %d (best valid NDCG@10 %.4f at epoch %d)", out, state["epoch"],
                  state["best"], state["best_epoch"])

@@ -1,4 +1,4 @@
-"""Pieces of the LM training engine: length-bucketed batches, the LR schedule, FLOPs and MFU.
+"""Pieces of the training engines: length-bucketed batches, the LR schedule, FLOPs and MFU, when a run continues.
 
 Small and independent so the generative recipe (and the dynamic TTDS recipe) compose them.
 """
@@ -82,3 +82,14 @@ def train_flops_per_token(model, seq_len: int) -> float:
         n_params -= out_emb.weight.numel()  # the unused full-vocab LM head (BERT/LLaMA untied)
     n_params += sum(p.numel() for p in model.head.parameters())
     return 6.0 * n_params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def can_continue(state: dict, tc) -> bool:
+    """Whether a stopped run goes on when its command runs again: it stopped on a limit (`train.epochs`,
+    `train.max_minutes`, `train.max_steps`, `train.patience`: validations without improvement) and the config now
+    leaves room under every one of them. Shared by every recipe (`tc`: a GenTrainConfig or the classic TrainConfig)."""
+    if state.get("stopped") not in ("epochs", "budget", "max_steps", "patience"):
+        return False
+    max_steps = getattr(tc, "max_steps", 0)
+    return (state["epoch"] < tc.epochs and (not tc.max_minutes or state["train_seconds"] < tc.max_minutes * 60)
+            and (not max_steps or state["step"] < max_steps) and state.get("bad", 0) < tc.patience)

@@ -55,7 +55,7 @@ from ttds.io import load_safetensors, read_json, save_safetensors, write_json
 from ttds.runtime import has_fast_bf16, machine_info, peak_rss_mb, resolve_precision, start_run
 from ttds.tasks.builders import USER_PROFILES, TaskConfig, TaskData, build_epoch
 from ttds.train.classic import _load_optim, _optim_tensors
-from ttds.train.engine import bucket_batches, collate, dense_peak_flops, train_flops_per_token, warmup_cosine
+from ttds.train.engine import bucket_batches, can_continue, collate, dense_peak_flops, train_flops_per_token, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,13 @@ def read_checkpoint(out: Path) -> tuple[dict, dict, dict]:
     return load_safetensors(out / "last.safetensors"), json.loads(meta["optim"]), json.loads(meta["state"])
 
 
-def finished(out: Path) -> bool:
-    """A run folder whose training and test evaluation are complete (metrics.json written)."""
-    return (out / "metrics.json").is_file() and (out / "state.json").is_file() and bool(read_json(out / "state.json").get("done"))
+def finished(out: Path, tc) -> bool:
+    """A run folder whose training and test evaluation are complete (metrics.json written) and which the config
+    `tc` does not continue (`can_continue`)."""
+    if not ((out / "metrics.json").is_file() and (out / "state.json").is_file()):
+        return False
+    state = read_json(out / "state.json")
+    return bool(state.get("done")) and not can_continue(state, tc)
 
 
 def start(cfg: dict, ds: RecDataset, out_dir: Path) -> tuple[Path, torch.device, Split | None]:
@@ -197,8 +201,9 @@ def start(cfg: dict, ds: RecDataset, out_dir: Path) -> tuple[Path, torch.device,
     rank's device, and the leave-one-out split (None when the run is already finished: metrics.json is its result)."""
     out = Path(out_dir)
     device = dist.setup(cfg, start_run(cfg, out))
-    if finished(out):
-        log.info("%s: already trained (metrics.json); delete the folder to retrain", out)
+    if finished(out, section(cfg, "train", GenTrainConfig)):
+        log.info("%s: already trained (metrics.json); delete the folder to retrain, or raise a limit (train.max_steps, "
+                 "max_minutes, epochs, patience) to continue it", out)
         return out, device, None
     return out, device, leave_one_out(ds, int(cfg["data"]["max_history"]))
 
@@ -356,7 +361,8 @@ class LMTrainer:
             dist.shard_optimizer_state(self.opt)  # FSDP: full tensors of the file -> this rank's shards
             log.info("resuming %s at epoch %d step %d (best valid NDCG@10 %.4f)", out, self.state["epoch"], self.state["step"],
                      self.state["best"])
-            if self.state["stopped"] in ("max_steps", "budget", "epochs"):  # a larger budget continues the run
+            if self.state["done"] and can_continue(self.state, tc):  # a larger limit continues the run
+                log.info("continuing a run stopped by %s: the config allows more", self.state["stopped"])
                 self.state["done"], self.state["stopped"] = False, ""
             self.on_resume()
         self.data = self.new_task_data()
