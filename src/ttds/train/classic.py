@@ -42,7 +42,7 @@ from ttds.eval.evaluator import evaluate
 from ttds.io import load_safetensors, read_json, save_safetensors, write_json
 from ttds.models.base import SeqModel
 from ttds.runtime import machine_info, peak_rss_mb, start_run
-from ttds.train.engine import can_continue
+from ttds.train.engine import can_continue, finished
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +200,10 @@ def train(cfg: dict, ds: RecDataset, out_dir: Path) -> dict:
     ec = section(cfg, "eval", EvalConfig)
     ks = tuple(ec.ks)
     budget = tc.max_minutes * 60 if tc.max_minutes else math.inf
-    if (out / "metrics.json").is_file() and (out / "state.json").is_file():
-        st = read_json(out / "state.json")
-        if st.get("done") and not can_continue(st, tc):
-            log.info("%s: already trained (metrics.json); delete the folder to retrain", out)
-            return read_json(out / "metrics.json")
+    if finished(out, tc):
+        log.info("%s: already trained (metrics.json); delete the folder to retrain, or raise a limit (train.epochs, "
+                 "max_minutes, patience) to continue it", out)
+        return read_json(out / "metrics.json")
 
     max_len = int(cfg["data"]["max_history"])
     split = leave_one_out(ds, max_len)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+from ttds.io import read_json
 from ttds.tasks.builders import Example
 
 
@@ -93,3 +94,12 @@ def can_continue(state: dict, tc) -> bool:
     max_steps = getattr(tc, "max_steps", 0)
     return (state["epoch"] < tc.epochs and (not tc.max_minutes or state["train_seconds"] < tc.max_minutes * 60)
             and (not max_steps or state["step"] < max_steps) and state.get("bad", 0) < tc.patience)
+
+
+def finished(out: Path, tc) -> bool:
+    """A run folder whose training and test evaluation are complete (metrics.json written) and which the config
+    `tc` does not continue (`can_continue`)."""
+    if not ((out / "metrics.json").is_file() and (out / "state.json").is_file()):
+        return False
+    state = read_json(out / "state.json")
+    return bool(state.get("done")) and not can_continue(state, tc)

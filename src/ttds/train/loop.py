@@ -55,7 +55,7 @@ from ttds.io import load_safetensors, read_json, save_safetensors, write_json
 from ttds.runtime import has_fast_bf16, machine_info, peak_rss_mb, resolve_precision, start_run
 from ttds.tasks.builders import USER_PROFILES, TaskConfig, TaskData, build_epoch
 from ttds.train.classic import _load_optim, _optim_tensors
-from ttds.train.engine import bucket_batches, can_continue, collate, dense_peak_flops, train_flops_per_token, warmup_cosine
+from ttds.train.engine import bucket_batches, can_continue, collate, finished, dense_peak_flops, train_flops_per_token, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +185,6 @@ def read_checkpoint(out: Path) -> tuple[dict, dict, dict]:
     with safe_open(str(out / "last.safetensors"), framework="pt") as f:
         meta = f.metadata()
     return load_safetensors(out / "last.safetensors"), json.loads(meta["optim"]), json.loads(meta["state"])
-
-
-def finished(out: Path, tc) -> bool:
-    """A run folder whose training and test evaluation are complete (metrics.json written) and which the config
-    `tc` does not continue (`can_continue`)."""
-    if not ((out / "metrics.json").is_file() and (out / "state.json").is_file()):
-        return False
-    state = read_json(out / "state.json")
-    return bool(state.get("done")) and not can_continue(state, tc)
 
 
 def start(cfg: dict, ds: RecDataset, out_dir: Path) -> tuple[Path, torch.device, Split | None]:
